@@ -1,0 +1,2 @@
+"""hybridkv-vllm."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""hybridkv_kernels: Triton kernels for HybridKV, each beside the PyTorch reference that defines it."""
