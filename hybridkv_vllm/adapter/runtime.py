@@ -1,0 +1,121 @@
+"""Per-process HybridKV state: the validated configuration, the tier plan and the current step's batch.
+
+Built once per vLLM process from the ``VllmConfig`` (first use by the attention impl), so every problem
+with the profile, the budget or the flags stops the engine at start-up with a message naming it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
+from hybridkv_vllm.adapter.tiers import TierPlan, plan_tiers
+from hybridkv_vllm.core.budgets import BudgetPlan, allocate
+from hybridkv_vllm.core.errors import ConfigError
+from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
+from hybridkv_vllm.core.selection import SelectionConfig
+
+logger = logging.getLogger("hybridkv")
+
+
+@dataclass
+class RowContext:
+    """What the attention layers need to know about one request row of the step."""
+
+    req_id: str
+    prompt_len: int
+    visual_spans: list[tuple[int, int]]     # [start, end) of placeholder (image/video) tokens in the prompt
+
+    def visual_mask(self, length: int) -> torch.Tensor:
+        mask = torch.zeros(length, dtype=torch.bool)
+        for start, end in self.visual_spans:
+            mask[max(0, start):min(length, end)] = True
+        return mask
+
+
+@dataclass
+class BatchContext:
+    """Rows of the step being built, in the model runner's row order (published by patches.py)."""
+
+    rows: list[RowContext] = field(default_factory=list)
+
+    def prompt_len(self, row: int) -> int | None:
+        return self.rows[row].prompt_len if row < len(self.rows) else None
+
+
+@dataclass
+class HybridKVRuntime:
+    config: HybridKVConfig
+    profile: HeadProfile
+    budget_plan: BudgetPlan
+    tiers: TierPlan
+    selection: SelectionConfig
+    block_size: int
+    batch: BatchContext = field(default_factory=BatchContext)
+
+
+_runtime: HybridKVRuntime | None = None
+
+
+def _check_flags(vllm_config) -> None:
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        raise ConfigError("HYBRIDKV does not support prefix caching yet (pruned prompt blocks cannot be shared): "
+                          "start vLLM with --no-enable-prefix-caching")
+    if str(cache.cache_dtype) not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"HYBRIDKV does not support --kv-cache-dtype {cache.cache_dtype}: use auto")
+    scheduler = vllm_config.scheduler_config
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise ConfigError("HYBRIDKV does not support speculative decoding: drop --speculative-config")
+    if getattr(scheduler, "disable_hybrid_kv_cache_manager", False):
+        raise ConfigError("HYBRIDKV needs vLLM's hybrid KV-cache manager: drop --disable-hybrid-kv-cache-manager")
+
+
+def _tp_rank_and_size(vllm_config) -> tuple[int, int]:
+    size = vllm_config.parallel_config.tensor_parallel_size
+    if size == 1:
+        return 0, 1
+    from vllm.distributed import get_tensor_model_parallel_rank
+    return get_tensor_model_parallel_rank(), size
+
+
+def _root_hf_config(model_config):
+    """The model's own HF config. Multimodal models build their language model under a derived config whose
+    ``hf_config`` is the text config (and whose architecture is the text model's), so read the root again."""
+    from vllm.transformers_utils.config import get_config
+    return get_config(model_config.hf_config_path or model_config.model, model_config.trust_remote_code,
+                      revision=model_config.revision)
+
+
+def build_runtime(vllm_config) -> HybridKVRuntime:
+    config = parse_config(vllm_config.additional_config)
+    _check_flags(vllm_config)
+    identity = ModelIdentity.from_hf_config(_root_hf_config(vllm_config.model_config))
+    profile = HeadProfile.load(config.profile, expect=identity)
+    rank, world = _tp_rank_and_size(vllm_config)
+    if world > 1:
+        profile = profile.slice_for_tp(rank, world)
+    block_size = vllm_config.cache_config.block_size
+    budget_plan = allocate(profile, config.budget_config(block_size))
+    tiers = plan_tiers(budget_plan, max_groups=config.max_groups)
+    logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
+                tiers.summary())
+    return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
+                           selection=config.selection_config(block_size), block_size=block_size)
+
+
+def get_runtime(vllm_config=None) -> HybridKVRuntime:
+    global _runtime
+    if _runtime is None:
+        if vllm_config is None:
+            from vllm.config import get_current_vllm_config
+            vllm_config = get_current_vllm_config()
+        _runtime = build_runtime(vllm_config)
+    return _runtime
+
+
+def reset_runtime() -> None:
+    global _runtime
+    _runtime = None

@@ -1,0 +1,137 @@
+"""KV-cache tiers: how per-head budgets become vLLM KV-cache groups.
+
+vLLM gives every KV-cache group one block table per request, shared by all layers of the group, and
+requires every group to hold the same number of layers (or it pads). HybridKV budgets are per KV head, so
+each KV head becomes a one-head *virtual layer* and heads with the same budget rule share a group:
+
+* ``full`` tiers hold the dynamic heads (full KV stays in the pool; each decode step retrieves top-k chunks)
+  plus, if needed to fill the tier, the static heads with the largest budgets, *promoted* to keep everything.
+* ``budget`` tiers hold static heads, sorted by budget fraction; a tier's fraction is its largest member's.
+
+Promotion only: no head ever keeps less than the allocator gave it. The group size ``g`` (heads per tier)
+divides ``L * H`` so vLLM adds no padding layers; among the divisors that give at most ``max_groups``
+groups, the one that keeps the fewest extra tokens wins (ties: fewer groups).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hybridkv_vllm.core.budgets import BudgetPlan
+
+FULL = "full"
+BUDGET = "budget"
+
+# What one KV head does at decode.
+RETRIEVE = "retrieve"   # dynamic head: top-k chunks of the full KV
+DENSE = "dense"         # promoted static head: all of its KV
+PRUNED = "pruned"       # static head: the kept prompt tokens + tail + generated tokens
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One KV-cache group's worth of heads with one budget rule."""
+
+    index: int
+    kind: str                               # FULL or BUDGET
+    fraction: float                         # BUDGET: kept share of the prompt; FULL: 1.0
+    heads: tuple[tuple[int, int], ...]      # (layer, kv_head)
+
+
+@dataclass(frozen=True)
+class TierPlan:
+    tiers: tuple[Tier, ...]
+    group_size: int
+    modes: tuple[tuple[str, ...], ...]      # [L][H]: RETRIEVE / DENSE / PRUNED
+    tier_of: tuple[tuple[int, ...], ...]    # [L][H]: tier index
+
+    def tier(self, layer: int, head: int) -> Tier:
+        return self.tiers[self.tier_of[layer][head]]
+
+    def effective_fractions(self, plan: BudgetPlan) -> torch.Tensor:
+        """``float64 [L, H]``: the fraction each head really gets (budget tiers: the tier's; others: the plan's)."""
+        out = plan.fractions.clone()
+        for tier in self.tiers:
+            if tier.kind == BUDGET:
+                for layer, head in tier.heads:
+                    out[layer, head] = tier.fraction
+        return out
+
+    def summary(self) -> str:
+        kinds = [f"{t.kind}({t.fraction:.3f})" if t.kind == BUDGET else t.kind for t in self.tiers]
+        return f"{len(self.tiers)} tiers of {self.group_size} heads: " + ", ".join(kinds)
+
+
+def _candidate_group_sizes(num_heads: int, max_groups: int) -> list[int]:
+    return [g for g in range(1, num_heads + 1) if num_heads % g == 0 and num_heads // g <= max_groups]
+
+
+def _plan_for_group_size(fractions: list[tuple[float, int, int]], dynamic: list[tuple[int, int]], g: int):
+    """Returns (extra kept share, tiers, modes) for group size ``g``; ``fractions`` sorted descending."""
+    full_count = math.ceil(len(dynamic) / g) * g
+    promoted = fractions[: full_count - len(dynamic)]
+    rest = fractions[full_count - len(dynamic):]
+    cost = sum(max(0.0, 1.0 - f) for f, _, _ in promoted)
+    tiers, modes = [], {}
+    full_heads = list(dynamic) + [(l, h) for _, l, h in promoted]
+    for start in range(0, len(full_heads), g):
+        tiers.append((FULL, 1.0, tuple(full_heads[start:start + g])))
+    for l, h in dynamic:
+        modes[(l, h)] = RETRIEVE
+    for _, l, h in promoted:
+        modes[(l, h)] = DENSE
+    for start in range(0, len(rest), g):
+        chunk = rest[start:start + g]
+        top = chunk[0][0]
+        cost += sum(top - f for f, _, _ in chunk)
+        tiers.append((BUDGET, top, tuple((l, h) for _, l, h in chunk)))
+        for _, l, h in chunk:
+            modes[(l, h)] = PRUNED
+    return cost, tiers, modes
+
+
+def plan_tiers(plan: BudgetPlan, max_groups: int = 16) -> TierPlan:
+    """Group the heads of ``plan`` into balanced tiers (see module docstring)."""
+    num_layers, num_kv_heads = plan.fractions.shape
+    num_heads = num_layers * num_kv_heads
+    static = [(float(plan.fractions[l, h]), l, h) for l in range(num_layers) for h in range(num_kv_heads)
+              if bool(plan.is_static[l, h])]
+    static.sort(key=lambda x: (-x[0], x[1], x[2]))
+    dynamic = [(l, h) for l in range(num_layers) for h in range(num_kv_heads) if not bool(plan.is_static[l, h])]
+    best = None
+    for g in _candidate_group_sizes(num_heads, max_groups):
+        cost, tiers, modes = _plan_for_group_size(static, dynamic, g)
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, g, tiers, modes)
+    _, g, raw_tiers, modes = best
+    tiers = tuple(Tier(i, kind, frac, heads) for i, (kind, frac, heads) in enumerate(raw_tiers))
+    tier_of = [[-1] * num_kv_heads for _ in range(num_layers)]
+    for tier in tiers:
+        for l, h in tier.heads:
+            tier_of[l][h] = tier.index
+    return TierPlan(tiers=tiers, group_size=g,
+                    modes=tuple(tuple(modes[(l, h)] for h in range(num_kv_heads)) for l in range(num_layers)),
+                    tier_of=tuple(tuple(row) for row in tier_of))
+
+
+def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks: int,
+                min_prompt_tokens: int) -> int | None:
+    """Blocks a budget-tier head keeps for a prompt of ``prompt_len`` tokens, or None if it is not compressed.
+
+    The same rule as :meth:`BudgetPlan.tokens_for` (``min(P_aligned, max(floor, bs*floor(f*P/bs)))``), shared by
+    the scheduler-side manager (which frees blocks ``[kept, P // bs)``) and the worker (which compacts into and
+    reads from blocks ``[0, kept)``). None: the prompt is shorter than ``min_prompt_tokens`` or nothing would be
+    freed; the request then runs uncompressed in every tier.
+    """
+    if prompt_len < max(min_prompt_tokens, 1):
+        return None
+    aligned = prompt_len // block_size
+    blocks = max(floor_blocks, math.floor(fraction * prompt_len / block_size))
+    return None if blocks >= aligned else blocks
+
+
+def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_prompt_tokens: int) -> bool:
+    """Whether a request is compressed at all (its budget tiers free something at the floor budget)."""
+    return kept_blocks(prompt_len, 0.0, block_size, floor_blocks, min_prompt_tokens) is not None
