@@ -1,0 +1,150 @@
+"""Top-down KV budget allocator: total -> head type (ratio ``r``) -> head (DESIGN §3).
+
+With ``N = L * H`` heads, ``n_s`` static and ``n_d`` dynamic, a head's budget as a fraction of the prompt is
+
+- static:  ``f_h = budget * N * n_s / (n_s + r n_d) * w_h / sum_static(w)``
+- dynamic: ``f_h = budget * N * r / (n_s + r n_d)``
+
+and its token budget for a prompt of ``P`` tokens (whole blocks; ``P_aligned = bs * (P // bs)``) is
+``min(P_aligned, max(floor_blocks * bs, bs * floor(f_h * P / bs)))``. The prompt's partial tail block
+``[P_aligned, P)`` is always kept on top and is not counted.
+
+Note on the DESIGN §3 invariant ``sum <= max(T(P), N * floor)``: the formula above raises heads below the floor
+without taking those tokens from other heads, so with skewed static weights the sum can exceed that bound.
+The bound the formula does satisfy (and the tests check) is ``sum <= T(P) + n_raised * floor_tokens``, with
+``n_raised`` the heads lifted to the floor; it reduces to the DESIGN bound when no head or every head is floored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from hybridkv_vllm.core.errors import BudgetError
+
+if TYPE_CHECKING:
+    from hybridkv_vllm.core.profile import HeadProfile
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """Budget hyperparameters.
+
+    Parameters
+    ----------
+    budget : float
+        Share of the full KV cache to keep, in (0, 1].
+    r : float
+        Per-head budget ratio dynamic : static (> 0).
+    block_size : int
+        KV block size in tokens (= selection chunk size); budgets are whole blocks.
+    floor_blocks : int
+        Minimum blocks per head (>= 0).
+    """
+
+    budget: float
+    r: float = 1.0
+    block_size: int = 16
+    floor_blocks: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, (int, float)) or not 0.0 < float(self.budget) <= 1.0:
+            raise BudgetError(f"budget={self.budget!r}: expected a fraction in (0, 1]")
+        if not isinstance(self.r, (int, float)) or not float(self.r) > 0.0:
+            raise BudgetError(f"r={self.r!r}: expected a ratio > 0")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise BudgetError(f"block_size={self.block_size!r}: expected an integer >= 1")
+        if not isinstance(self.floor_blocks, int) or self.floor_blocks < 0:
+            raise BudgetError(f"floor_blocks={self.floor_blocks!r}: expected an integer >= 0")
+
+    @property
+    def floor_tokens(self) -> int:
+        return self.floor_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Per-head budget fractions of one model under one :class:`BudgetConfig`.
+
+    Attributes
+    ----------
+    fractions : torch.Tensor
+        ``float64 [L, H]``: each head's share of the prompt (may exceed 1; :meth:`tokens_for` caps it).
+    is_static : torch.Tensor
+        ``bool [L, H]``: the head types the plan was made for.
+    cfg : BudgetConfig
+    """
+
+    fractions: torch.Tensor
+    is_static: torch.Tensor
+    cfg: BudgetConfig
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.fractions.numel())
+
+    def total_tokens(self, prompt_len: int) -> float:
+        """``T(P) = budget * N * P``."""
+        return float(self.cfg.budget) * self.num_heads * prompt_len
+
+    def tokens_for(self, prompt_len: int) -> torch.Tensor:
+        """``int64 [L, H]`` token budgets (whole blocks) for a prompt of ``prompt_len`` tokens."""
+        if not isinstance(prompt_len, int) or prompt_len < 0:
+            raise BudgetError(f"prompt_len={prompt_len!r}: expected an integer >= 0")
+        bs = self.cfg.block_size
+        p_aligned = bs * (prompt_len // bs)
+        blocks = torch.floor(self.fractions * prompt_len / bs).to(torch.int64)
+        tokens = torch.clamp(blocks * bs, min=self.cfg.floor_tokens)
+        return torch.clamp(tokens, max=p_aligned)
+
+
+def _types_and_weights(heads: HeadProfile | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(heads, tuple):
+        if len(heads) != 2:
+            raise BudgetError(f"expected (is_static [L, H], weights [L, H]), got a tuple of {len(heads)}")
+        is_static, weights = heads
+    else:
+        is_static, weights = heads.is_static, heads.weights
+    is_static = torch.as_tensor(is_static, dtype=torch.bool).cpu()
+    weights = torch.as_tensor(weights, dtype=torch.float64).cpu()
+    if is_static.dim() != 2 or is_static.shape != weights.shape or is_static.numel() == 0:
+        raise BudgetError(f"is_static {tuple(is_static.shape)} and weights {tuple(weights.shape)}: "
+                          "expected the same non-empty [L, H] shape")
+    static_w = weights[is_static]
+    if static_w.numel() and not bool(torch.all(torch.isfinite(static_w) & (static_w > 0))):
+        raise BudgetError(f"static head weights must be finite and > 0, got min {float(static_w.min())!r}")
+    return is_static, weights
+
+
+def allocate(heads: HeadProfile | tuple[torch.Tensor, torch.Tensor], cfg: BudgetConfig) -> BudgetPlan:
+    """Allocate per-head budget fractions top-down (DESIGN §3).
+
+    Parameters
+    ----------
+    heads : HeadProfile or (torch.Tensor, torch.Tensor)
+        A profile, or ``(is_static bool [L, H], weights float [L, H])`` (weights of dynamic heads are ignored).
+    cfg : BudgetConfig
+
+    Returns
+    -------
+    BudgetPlan
+    """
+    is_static, weights = _types_and_weights(heads)
+    n = is_static.numel()
+    n_s = int(is_static.sum())
+    n_d = n - n_s
+    b, r = float(cfg.budget), float(cfg.r)
+    denom = n_s + r * n_d
+    fractions = torch.full(is_static.shape, b * n * r / denom, dtype=torch.float64)
+    if n_s:
+        w = torch.where(is_static, weights, torch.zeros_like(weights))
+        static_f = b * n * n_s / denom * w / w.sum()
+        fractions = torch.where(is_static, static_f, fractions)
+    return BudgetPlan(fractions=fractions, is_static=is_static, cfg=cfg)
+
+
+def uniform_plan(num_layers: int, num_kv_heads: int, cfg: BudgetConfig) -> BudgetPlan:
+    """Every head gets the same fraction (``budget``): all heads static with equal weights (for baselines)."""
+    shape = (num_layers, num_kv_heads)
+    return allocate((torch.ones(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.float64)), cfg)
