@@ -34,6 +34,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
+# Offline checkers for deploy/ (kubernetes-validate, check-jsonschema, yamllint, hadolint, promtool).
+bash scripts/setup_deploy_tools.sh
+
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 "$VENV/bin/python" -m hybridkv_vllm.models.build --out "$ROOT/models"
 echo "[setup] done"
