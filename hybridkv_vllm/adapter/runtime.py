@@ -5,6 +5,7 @@ with the profile, the budget or the flags stops the engine at start-up with a me
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class HybridKVRuntime:
 
 
 _runtime: HybridKVRuntime | None = None
+_runtime_key: str | None = None
 
 
 def _check_flags(vllm_config) -> None:
@@ -106,16 +108,19 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
                            selection=config.selection_config(block_size), block_size=block_size)
 
 
+def _key(vllm_config) -> str:
+    model = vllm_config.model_config
+    return json.dumps([model.model, vllm_config.cache_config.block_size, vllm_config.additional_config],
+                      sort_keys=True, default=str)
+
+
 def get_runtime(vllm_config=None) -> HybridKVRuntime:
-    global _runtime
-    if _runtime is None:
-        if vllm_config is None:
-            from vllm.config import get_current_vllm_config
-            vllm_config = get_current_vllm_config()
-        _runtime = build_runtime(vllm_config)
+    """The runtime of the engine being built or run in this process (rebuilt when another engine starts)."""
+    global _runtime, _runtime_key
+    if vllm_config is None:
+        from vllm.config import get_current_vllm_config
+        vllm_config = get_current_vllm_config()
+    key = _key(vllm_config)
+    if _runtime is None or key != _runtime_key:
+        _runtime, _runtime_key = build_runtime(vllm_config), key
     return _runtime
-
-
-def reset_runtime() -> None:
-    global _runtime
-    _runtime = None
