@@ -17,6 +17,7 @@ Prefill always attends densely. Attention itself is vLLM's own CPU paged kernel 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +38,8 @@ from hybridkv_vllm.adapter import cpu_layout
 from hybridkv_vllm.adapter.kv_spec import HybridKVBudgetSpec, register_spec
 from hybridkv_vllm.adapter.runtime import get_runtime
 from hybridkv_vllm.adapter.tiers import BUDGET, PRUNED, RETRIEVE, kept_blocks
-from hybridkv_vllm.core.selection import chunk_summaries, score_chunks, select_chunks, select_static, text_prior_scores
+from hybridkv_vllm.core.selection import (chunk_summaries, dynamic_chunk_budget, score_chunks, select_chunks,
+                                          select_static, text_prior_scores)
 
 BACKEND_NAME = "HYBRIDKV"
 HEAD_SUFFIX = ".hkv_h"
@@ -139,6 +141,7 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
             query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=seq_lens,
             block_table=table, slot_mapping=cm.slot_mapping,
             scheduler_metadata=self.scheduler_metadata(cm, seq_lens), causal=cm.causal)
+        self.runtime.accounting.observe(self.runtime.batch, rows)
         return HybridKVMetadata(attn=attn, rows=rows, block_table=cm.block_table_tensor)
 
 
@@ -246,7 +249,9 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
             output[:n, h * g:(h + 1) * g] = out
             if self.modes[h] == PRUNED:
-                self._compact(md, q, key_cache, value_cache)
+                started = time.perf_counter()
+                if self._compact(md, q, key_cache, value_cache):
+                    self.runtime.accounting.compress_seconds += time.perf_counter() - started
         return output
 
     @staticmethod
@@ -263,9 +268,11 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         for r, row in enumerate(md.rows):
             if not (row.compressed and row.after_prompt and row.q_end - row.q_start == 1):
                 continue
-            k = kept_blocks(row.prompt_len, self.retrieve_fraction[h], bs, cfg.floor_blocks, 0) \
-                or row.prompt_len // bs
+            budget = kept_blocks(row.prompt_len, self.retrieve_fraction[h], bs, cfg.floor_blocks, 0)
+            if budget is None:                   # the head's budget covers the whole prompt
+                continue
             chunks = cdiv(row.seq_len, bs)
+            k = dynamic_chunk_budget(budget * bs, row.prompt_len, row.seq_len, bs)
             if chunks <= k:
                 continue
             ids = md.attn.block_table[r, :chunks]
@@ -276,7 +283,8 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 table, seq_lens = md.attn.block_table.clone(), md.attn.seq_lens.clone()
             table[r, :chosen.numel()] = ids[chosen]
             seq_lens[r] = (chosen.numel() - 1) * bs + row.seq_len - (chunks - 1) * bs
-            self._count_retrieval(chosen.numel(), chunks)
+            self.runtime.accounting.chunk_loads += chosen.numel()
+            self.runtime.accounting.chunks_scored += chunks
         if table is None:
             return md.attn
         builder_like = _SchedulerMetadata(self.group, self.head_size, self.vllm_config.model_config.dtype,
@@ -284,20 +292,16 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         return replace(md.attn, block_table=table, seq_lens=seq_lens,
                        scheduler_metadata=builder_like(md, seq_lens))
 
-    def _count_retrieval(self, selected: int, total: int) -> None:
-        from hybridkv_vllm.adapter import metrics
-        record = getattr(metrics, "record_retrieval", None)
-        if record is not None:
-            record(selected, total)
-
     # -- static heads: text-prior pruning when the prompt completes
     def _compact(self, md: HybridKVMetadata, q: torch.Tensor, key_cache: torch.Tensor,
-                 value_cache: torch.Tensor) -> None:
+                 value_cache: torch.Tensor) -> bool:
         sel_cfg = self.runtime.selection
         bs = key_cache.shape[2]
+        compacted = False
         for r, row in enumerate(md.rows):
             if row.kept is None or not row.completes_prompt:
                 continue
+            compacted = True
             p = row.prompt_len
             obs_start = max(row.computed, p - sel_cfg.obs_window)
             obs_pos = torch.arange(obs_start, p)
@@ -313,6 +317,7 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             kept_ids = ids[:row.kept]
             cpu_layout.write_keys(key_cache, kept_ids, keys[chosen].reshape(row.kept, bs, -1), self.key_perm)
             value_cache[kept_ids.long(), 0] = values[chosen].reshape(row.kept, bs, -1)
+        return compacted
 
 
 @dataclass

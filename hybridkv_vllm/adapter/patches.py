@@ -80,8 +80,9 @@ def patch_v1_runner_batch_context() -> None:
     @functools.wraps(original)
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
         from hybridkv_vllm.adapter import runtime
-        if runtime._runtime is not None:
-            runtime._runtime.batch.rows = [] if kwargs.get("for_cudagraph_capture") else _rows_of(self, num_reqs)
+        if runtime._runtime is not None:          # a new object per step: accounting runs once per batch
+            rows = [] if kwargs.get("for_cudagraph_capture") else _rows_of(self, num_reqs)
+            runtime._runtime.batch = runtime.BatchContext(rows)
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybridkv_vllm.adapter import metrics
+from hybridkv_vllm.adapter.accounting import StepAccounting
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
 from hybridkv_vllm.adapter.tiers import TierPlan, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetPlan, allocate
@@ -54,6 +56,7 @@ class HybridKVRuntime:
     tiers: TierPlan
     selection: SelectionConfig
     block_size: int
+    accounting: StepAccounting
     batch: BatchContext = field(default_factory=BatchContext)
 
 
@@ -104,8 +107,17 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     tiers = plan_tiers(budget_plan, max_groups=config.max_groups)
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
                 tiers.summary())
+    dtype_bytes = torch.empty(0, dtype=vllm_config.model_config.dtype).element_size()
+    accounting = StepAccounting(tiers=tiers, block_size=block_size, floor_blocks=config.floor_blocks,
+                                min_prompt_tokens=config.min_prompt_tokens,
+                                block_bytes=tiers.group_size * block_size * 2 * profile.model.head_dim * dtype_bytes)
+    served = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+    metrics.configure(model_name=str(served[0] if isinstance(served, (list, tuple)) else served))
+    metrics.set_profile_info(profile.model.architecture, profile.schema_version, config.budget,
+                             profile.model.fingerprint)
     return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
-                           selection=config.selection_config(block_size), block_size=block_size)
+                           selection=config.selection_config(block_size), block_size=block_size,
+                           accounting=accounting)
 
 
 def _key(vllm_config) -> str:

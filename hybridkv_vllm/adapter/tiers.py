@@ -135,3 +135,49 @@ def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks:
 def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_prompt_tokens: int) -> bool:
     """Whether a request is compressed at all (its budget tiers free something at the floor budget)."""
     return kept_blocks(prompt_len, 0.0, block_size, floor_blocks, min_prompt_tokens) is not None
+
+
+class TieredPolicy:
+    """The core reference policy that the vLLM backend implements for one tier plan (the oracle of the tests).
+
+    Per KV head: ``pruned`` heads are static with their *tier's* budget, ``retrieve`` heads dynamic with the
+    allocator's budget, ``dense`` heads (promoted) full; a prompt the backend does not compress (shorter than
+    ``min_prompt_tokens``, or no block to free) is full in every head. Implements ``core.policy.Policy``.
+    """
+
+    def __init__(self, profile, budget_plan: BudgetPlan, tiers: TierPlan, selection, min_prompt_tokens: int):
+        self.profile, self.plan, self.tiers, self.selection = profile, budget_plan, tiers, selection
+        self.min_prompt_tokens = min_prompt_tokens
+
+    def _head_tokens(self, layer: int, head: int, prompt_len: int) -> int | None:
+        cfg = self.plan.cfg
+        tier = self.tiers.tier(layer, head)
+        fraction = tier.fraction if tier.kind == BUDGET else float(self.plan.fractions[layer, head])
+        blocks = kept_blocks(prompt_len, fraction, cfg.block_size, cfg.floor_blocks, 0)
+        return None if blocks is None else blocks * cfg.block_size
+
+    def tokens_for(self, prompt_len: int) -> torch.Tensor:
+        L, H = self.plan.fractions.shape
+        return torch.tensor([[self._head_tokens(l, h, prompt_len) or prompt_len for h in range(H)]
+                             for l in range(L)], dtype=torch.long)
+
+    def rules(self, layer: int, prompt_len: int):
+        from hybridkv_vllm.core.policy import HeadKind, LayerRules
+
+        cfg = self.plan.cfg
+        compressed = is_compressed(prompt_len, cfg.block_size, cfg.floor_blocks, self.min_prompt_tokens)
+        kinds, budgets = [], []
+        for head, mode in enumerate(self.tiers.modes[layer]):
+            tokens = self._head_tokens(layer, head, prompt_len)
+            if not compressed or mode == DENSE or tokens is None:
+                kinds.append(HeadKind.FULL)
+                budgets.append(prompt_len)
+            else:
+                kinds.append(HeadKind.STATIC if mode == PRUNED else HeadKind.DYNAMIC)
+                budgets.append(tokens)
+        return LayerRules(kinds=tuple(kinds), budgets=torch.tensor(budgets, dtype=torch.long), policy=self,
+                          layer=layer)
+
+    def select(self, view, kv_head: int, budget: int) -> torch.Tensor:
+        from hybridkv_vllm.core.selection import select_static
+        return select_static(view.head_scores(kv_head), view.is_visual, budget, view.selectable_len, self.selection)

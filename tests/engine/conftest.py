@@ -18,3 +18,8 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def profile_path(tmp_path_factory) -> Path:
     return synthetic_profile(tmp_path_factory.mktemp("profile") / "synthetic.json")
+
+
+@pytest.fixture(scope="session")
+def shipped_profile() -> Path:
+    return MODEL.parents[1] / "configs" / "profiles" / "smollm2-vl.json"

@@ -1,0 +1,80 @@
+"""Per-step accounting of what compression saves, published as the plugin's Prometheus metrics.
+
+Runs in the worker (once per scheduler step, from the first metadata builder that sees the step's batch):
+blocks held by compressed requests against what they would hold uncompressed, compressed versus bypassed
+requests, tokens kept per head type, compression time at prefill and retrieval traffic. The block figures
+follow the same rule as the budget manager that actually frees the blocks (tiers.kept_blocks), so the
+gauges and vLLM's ``kv_cache_usage_perc`` tell the same story.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hybridkv_vllm.adapter import metrics
+from hybridkv_vllm.adapter.tiers import BUDGET, RETRIEVE, kept_blocks
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class StepAccounting:
+    tiers: object                 # TierPlan
+    block_size: int
+    floor_blocks: int
+    min_prompt_tokens: int
+    block_bytes: int
+    compress_seconds: float = 0.0
+    chunk_loads: int = 0
+    chunks_scored: int = 0
+    _last_batch: object = field(default=None, repr=False)
+
+    def held_blocks(self, prompt_len: int, num_tokens: int) -> tuple[int, int]:
+        """(blocks held, blocks uncompressed) of one compressed request holding ``num_tokens`` tokens."""
+        bs, full = self.block_size, _cdiv(num_tokens, self.block_size)
+        held = 0
+        for tier in self.tiers.tiers:
+            kept = kept_blocks(prompt_len, tier.fraction, bs, self.floor_blocks, self.min_prompt_tokens) \
+                if tier.kind == BUDGET else None
+            held += full if kept is None else kept + full - prompt_len // bs
+        return held, full * len(self.tiers.tiers)
+
+    def tokens_kept(self, prompt_len: int) -> tuple[dict[str, int], dict[str, int]]:
+        kept = {"static": 0, "dynamic": 0}
+        total = {"static": 0, "dynamic": 0}
+        tail = prompt_len - (prompt_len // self.block_size) * self.block_size
+        for tier in self.tiers.tiers:
+            for layer, head in tier.heads:
+                kind = "dynamic" if self.tiers.modes[layer][head] == RETRIEVE else "static"
+                blocks = kept_blocks(prompt_len, tier.fraction, self.block_size, self.floor_blocks,
+                                     self.min_prompt_tokens) if tier.kind == BUDGET else None
+                kept[kind] += prompt_len if blocks is None else blocks * self.block_size + tail
+                total[kind] += prompt_len
+        return kept, total
+
+    def observe(self, batch, rows) -> None:
+        """Publish the step's figures; ``rows`` are the builder's RowPlans. Once per ``batch`` object."""
+        if batch is self._last_batch:
+            return
+        self._last_batch = batch
+        held = uncompressed = 0
+        for row in rows:
+            if row.prompt_len is None:
+                continue
+            if row.completes_prompt:
+                if row.compressed:
+                    kept, total = self.tokens_kept(row.prompt_len)
+                    metrics.record_compression(kept, total, seconds=None)
+                else:
+                    metrics.record_bypass("short_prompt")
+            if row.compressed and row.after_prompt:
+                h, u = self.held_blocks(row.prompt_len, row.seq_len)
+                held, uncompressed = held + h, uncompressed + u
+        metrics.set_blocks(held, uncompressed, self.block_bytes)
+        if self.compress_seconds:
+            metrics.get_metrics().compression_time.observe(self.compress_seconds)
+            self.compress_seconds = 0.0
+        if self.chunk_loads or self.chunks_scored:
+            metrics.record_retrieval(self.chunk_loads, self.chunks_scored)
+            self.chunk_loads = self.chunks_scored = 0
