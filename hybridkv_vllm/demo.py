@@ -98,7 +98,7 @@ def chat(port: int, name: str, max_tokens: int) -> tuple[str, dict[str, float], 
     for i, chunk in enumerate(stream):
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
-        if i == max_tokens // 2:
+        if i == 3:                        # a few tokens in: the prompt has been compressed
             sample = read_metrics(port)
         if chunk.usage is not None:
             usage = chunk.usage
@@ -117,6 +117,8 @@ def report(answer: str, sample: dict[str, float], usage) -> None:
         print(f"HybridKV holds     {held:8.0f} blocks = {held * block / 2**20:7.2f} MiB")
         print(f"stock vLLM holds   {full:8.0f} blocks = {full * block / 2**20:7.2f} MiB (same tokens, no compression)")
         print(f"ratio              {held / full:8.3f}   (saved {(full - held) * block / 2**20:.2f} MiB)")
+    elif "hybridkv:kv_blocks_held" not in sample:
+        print("no hybridkv metrics on /metrics (is PROMETHEUS_MULTIPROC_DIR set for the server?)")
     else:
         print("the request was not compressed (prompt shorter than min_prompt_tokens?)")
     usage_perc = sample.get("vllm:kv_cache_usage_perc")

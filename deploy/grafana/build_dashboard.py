@@ -102,10 +102,13 @@ def build() -> dict:
              "hold. 1/budget is the ideal for static heads; dynamic heads stay resident.",
              f"sum(hybridkv:kv_blocks_uncompressed{{{M}}}) / (sum(hybridkv:kv_blocks_held{{{M}}}) > 0)",
              "none", 6, 1, decimals=2),
-        stat("KV entries kept (5m)", "Share of the prompts' KV entries (head x token) kept at compression, over "
-             "the last 5 minutes. Compare with the configured budget.",
-             f"sum(rate(hybridkv:tokens_kept_total{{{M}}}[5m])) / "
-             f"sum(rate(hybridkv:tokens_uncompressed_total{{{M}}}[5m]))", "percentunit", 12, 1, decimals=1),
+        stat("Static-head KV kept (5m)", "Share of the static heads' KV entries (head x token) kept at "
+             "compression over the last 5 minutes; compare with the configured budget (the floor of blocks each "
+             "head keeps raises it for short prompts). Dynamic heads keep every entry resident and retrieve chunks "
+             "at decode: see 'KV entries kept by head type vs budget'.",
+             f"sum(rate(hybridkv:tokens_kept_total{{{M},head_type=\"static\"}}[5m])) / "
+             f"sum(rate(hybridkv:tokens_uncompressed_total{{{M},head_type=\"static\"}}[5m]))", "percentunit", 12, 1,
+             decimals=1),
         stat("Configured budget", "hybridkv:configured_budget (from --additional-config).",
              f"max(hybridkv:configured_budget{{{M}}})", "percentunit", 18, 1, decimals=1),
         timeseries("KV blocks: held vs uncompressed",

@@ -209,6 +209,7 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                  for h in range(self.num_kv_heads)]
         layer.get_kv_cache_spec = lambda vllm_config, _spec=specs[0]: _spec    # this instance only
         forward_context = self.vllm_config.compilation_config.static_forward_context
+        self.layer_name = layer.layer_name
         self.head_names = [layer.layer_name]
         for h in range(1, self.num_kv_heads):
             name = f"{layer.layer_name}{HEAD_SUFFIX}{h}"
@@ -249,8 +250,9 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
             output[:n, h * g:(h + 1) * g] = out
             if self.modes[h] == PRUNED:
+                self._stash_observation_queries(md, q, h)
                 started = time.perf_counter()
-                if self._compact(md, q, key_cache, value_cache):
+                if self._compact(md, q, key_cache, value_cache, h):
                     self.runtime.accounting.compress_seconds += time.perf_counter() - started
         return output
 
@@ -293,8 +295,31 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                        scheduler_metadata=builder_like(md, seq_lens))
 
     # -- static heads: text-prior pruning when the prompt completes
+    def _stash_observation_queries(self, md: HybridKVMetadata, q: torch.Tensor, h: int) -> None:
+        """Chunked prefill: keep the observation-window queries of chunks that end before the prompt does."""
+        window = self.runtime.selection.obs_window
+        for r, row in enumerate(md.rows):
+            if row.kept is None or row.prompt_len is None or row.completes_prompt or row.after_prompt:
+                continue
+            lo, hi = max(row.computed, row.prompt_len - window), min(row.seq_len, row.prompt_len)
+            if lo < hi and r < len(self.runtime.batch.rows):
+                stash = self.runtime.obs_stash.setdefault((self.runtime.batch.rows[r].req_id, self.layer_name, h), {})
+                for pos in range(lo, hi):
+                    stash[pos] = q[row.q_start + pos - row.computed].clone()
+
+    def _observation_queries(self, r: int, row: RowPlan, q: torch.Tensor, h: int):
+        """``(q_obs [W, G, D], positions [W])``: the last ``obs_window`` prompt queries, stashed ones included."""
+        p = row.prompt_len
+        start = max(0, p - self.runtime.selection.obs_window)
+        req_id = self.runtime.batch.rows[r].req_id if r < len(self.runtime.batch.rows) else None
+        stash = self.runtime.obs_stash.pop((req_id, self.layer_name, h), {})
+        earlier = [pos for pos in range(start, row.computed) if pos in stash]
+        here = range(max(start, row.computed), p)
+        queries = [stash[pos] for pos in earlier] + [q[row.q_start + pos - row.computed] for pos in here]
+        return torch.stack(queries), torch.tensor(earlier + list(here), dtype=torch.long)
+
     def _compact(self, md: HybridKVMetadata, q: torch.Tensor, key_cache: torch.Tensor,
-                 value_cache: torch.Tensor) -> bool:
+                 value_cache: torch.Tensor, h: int) -> bool:
         sel_cfg = self.runtime.selection
         bs = key_cache.shape[2]
         compacted = False
@@ -303,9 +328,7 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 continue
             compacted = True
             p = row.prompt_len
-            obs_start = max(row.computed, p - sel_cfg.obs_window)
-            obs_pos = torch.arange(obs_start, p)
-            q_obs = q[row.q_start + obs_start - row.computed: row.q_start + p - row.computed]   # [W, G, D]
+            q_obs, obs_pos = self._observation_queries(r, row, q, h)                            # [W, G, D]
             ids = md.block_table[r, :cdiv(p, bs)]
             keys = cpu_layout.read_keys(key_cache, ids, self.key_perm).reshape(-1, self.head_size)[:p]
             values = value_cache[ids.long(), 0].reshape(-1, self.head_size)[:p]

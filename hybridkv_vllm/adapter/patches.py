@@ -82,7 +82,7 @@ def patch_v1_runner_batch_context() -> None:
         from hybridkv_vllm.adapter import runtime
         if runtime._runtime is not None:          # a new object per step: accounting runs once per batch
             rows = [] if kwargs.get("for_cudagraph_capture") else _rows_of(self, num_reqs)
-            runtime._runtime.batch = runtime.BatchContext(rows)
+            runtime._runtime.publish(rows)
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata

@@ -58,6 +58,16 @@ class HybridKVRuntime:
     block_size: int
     accounting: StepAccounting
     batch: BatchContext = field(default_factory=BatchContext)
+    # (request id, layer name, kv head) -> {position: query [G, D]}: observation-window queries of prompt
+    # chunks that ended before their prompt did (chunked prefill); consumed when the prompt completes.
+    obs_stash: dict = field(default_factory=dict)
+
+    def publish(self, rows: list[RowContext]) -> None:
+        """Start a step: its rows; stashed queries of requests no longer scheduled are dropped."""
+        self.batch = BatchContext(rows)
+        live = {row.req_id for row in rows}
+        for key in [k for k in self.obs_stash if k[0] not in live]:
+            del self.obs_stash[key]
 
 
 _runtime: HybridKVRuntime | None = None
