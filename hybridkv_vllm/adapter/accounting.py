@@ -53,6 +53,11 @@ class StepAccounting:
                 total[kind] += prompt_len
         return kept, total
 
+    def idle(self) -> None:
+        """No request is left in the worker: nothing is held."""
+        metrics.set_blocks(0, 0, self.block_bytes)
+        self._last_batch = None
+
     def observe(self, batch, rows) -> None:
         """Publish the step's figures; ``rows`` are the builder's RowPlans. Once per ``batch`` object."""
         if batch is self._last_batch:

@@ -7,7 +7,8 @@ expected shape) and version-checked against the vLLM range this plugin was built
 2. ``GPUModelRunner._build_attention_metadata`` (the V1 runner; the CPU runner inherits it): publishes each
    step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
    builds attention metadata, because metadata builders are never told which request a row belongs to.
-   Model Runner V2 (CUDA with Triton) is not wrapped yet: HYBRIDKV refuses to start there (see plugin.py).
+   Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
+3. ``GPUModelRunner._update_states``: zeroes the blocks-held gauges once no request is left (see below).
 """
 from __future__ import annotations
 
@@ -89,7 +90,29 @@ def patch_v1_runner_batch_context() -> None:
     _applied.add("v1_batch_context")
 
 
+def patch_v1_runner_idle_gauges() -> None:
+    """3. ``GPUModelRunner._update_states``: once the runner holds no request (the scheduler's last step only
+    tells it which requests finished), the blocks-held gauges drop to zero instead of keeping the last batch's."""
+    if "v1_idle_gauges" in _applied:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._update_states
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = original(self, scheduler_output, *args, **kwargs)
+        from hybridkv_vllm.adapter import runtime
+        if runtime._runtime is not None and self.input_batch.num_reqs == 0:
+            runtime._runtime.accounting.idle()
+        return result
+
+    GPUModelRunner._update_states = _update_states
+    _applied.add("v1_idle_gauges")
+
+
 def apply_all(backend_path: str) -> None:
     _check_version()
     patch_cpu_backend_selection(backend_path)
     patch_v1_runner_batch_context()
+    patch_v1_runner_idle_gauges()

@@ -75,6 +75,11 @@ _runtime_key: str | None = None
 
 
 def _check_flags(vllm_config) -> None:
+    from vllm.platforms import current_platform
+    if not current_platform.is_cpu():
+        raise ConfigError("this release of HYBRIDKV runs on vLLM's CPU build only: its CUDA attention path (the "
+                          "Triton kernels in hybridkv_kernels exist and are benchmarked) is not wired into vLLM yet; "
+                          "serve with the default --attention-backend on GPUs for now")
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         raise ConfigError("HYBRIDKV does not support prefix caching yet (pruned prompt blocks cannot be shared): "

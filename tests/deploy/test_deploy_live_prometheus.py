@@ -373,11 +373,8 @@ def test_plugin_metrics_moved(live):
     assert live["after"]["vllm:kv_cache_usage_perc"] == 0, live["after"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "adapter: StepAccounting.observe() sets hybridkv:kv_blocks_held/uncompressed only when the engine builds a "
-    "batch, so after the last request finishes they keep the last step's values (a compressed request still in it) "
-    "and the dashboard shows memory saved on an idle replica. Remove this marker once the adapter zeroes them."))
 def test_block_gauges_return_to_zero_when_idle(live):
+    """Once the last request has finished, the gauges say nothing is held (not the last batch's figures)."""
     after = live["after"]
     assert after["hybridkv:kv_blocks_held"] == 0 and after["hybridkv:kv_blocks_uncompressed"] == 0, after
 
