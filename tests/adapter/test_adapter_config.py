@@ -1,0 +1,51 @@
+"""`--additional-config '{"hybridkv": ...}'` validation: every problem named, with the key and the value."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybridkv_vllm.adapter.config import ENV_VAR, parse_config
+from hybridkv_vllm.core.errors import ConfigError
+
+
+@pytest.fixture
+def profile(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text("{}")
+    return str(path)
+
+
+def test_defaults_and_values(profile):
+    cfg = parse_config({"hybridkv": {"profile": profile, "budget": 0.2, "r": 2, "obs_window": 16}})
+    assert (cfg.budget, cfg.r, cfg.min_prompt_tokens, cfg.selection) == (0.2, 2.0, 256, {"obs_window": 16})
+    assert cfg.selection_config(32).chunk_size == 32 and cfg.budget_config(32).block_size == 32
+
+
+@pytest.mark.parametrize("section, message", [
+    (None, "--additional-config"),
+    ({"budget": 0.1}, "hybridkv.profile is missing"),
+    ({"profile": "/no/such.json"}, "no such file"),
+    ({"profile": "P", "budget": 0}, "budget=0"),
+    ({"profile": "P", "budget": 1.01}, "budget=1.01"),
+    ({"profile": "P", "budget": "0.1"}, "hybridkv.budget='0.1'"),
+    ({"profile": "P", "r": -1}, "r=-1"),
+    ({"profile": "P", "floor_blocks": 1.5}, "floor_blocks=1.5"),
+    ({"profile": "P", "bugdet": 0.1}, "unknown hybridkv setting(s) ['bugdet']"),
+    ({"profile": "P", "obs_window": 0}, "obs_window=0"),
+])
+def test_bad_settings_are_named(profile, section, message, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    if isinstance(section, dict) and section.get("profile") == "P":
+        section = dict(section, profile=profile)
+    with pytest.raises(ConfigError) as info:
+        parse_config({} if section is None else {"hybridkv": section})
+    assert message in str(info.value)
+
+
+def test_environment_fallback(profile, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, json.dumps({"profile": profile, "budget": 0.3}))
+    assert parse_config({}).budget == 0.3
+    monkeypatch.setenv(ENV_VAR, "{not json")
+    with pytest.raises(ConfigError, match=ENV_VAR):
+        parse_config({})
