@@ -1,0 +1,1 @@
+"""Fidelity harness (``hybridkv eval``): NIAH passkey, greedy agreement and KL against the full cache."""

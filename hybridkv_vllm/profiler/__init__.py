@@ -1,0 +1,1 @@
+"""Calibration set and head profiler (``hybridkv profile``)."""

@@ -1,0 +1,107 @@
+"""`hybridkv eval --quick` on tiny-vl: output structure, and `full` is an oracle (agreement 1, KL 0)."""
+import json
+
+import pytest
+import torch
+from conftest import model_dir
+
+from hybridkv_vllm.cli import main
+from hybridkv_vllm.eval.metrics import mean_kl, passkey_found, top1_agreement
+from hybridkv_vllm.eval.prompts import MULTIMODAL_EVAL, haystack_paragraphs, niah_prompts
+from hybridkv_vllm.profiler.calibration import CALIBRATION_V1
+
+METHODS = ["full", "hybridkv", "streaming", "snapkv", "random"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    model = model_dir("tiny-vl")
+    profile = tmp / "tiny.json"
+    assert main(["profile", "--model", str(model), "--out", str(profile), "--no-progress", "--theta", "0.5"]) == 0
+    out = tmp / "out"
+    assert main(["eval", "--model", str(model), "--profile", str(profile), "--budgets", "0.1,0.4", "--out", str(out),
+                 "--quick", "--no-progress"]) == 0
+    return out
+
+
+def test_quick_outputs_and_structure(quick_run):
+    doc = json.loads((quick_run / "results.json").read_text())
+    assert set(doc) >= {"rows", "summary", "goals", "meta", "task_seconds", "workload"}
+    assert doc["meta"]["quick"] is True and doc["meta"]["wall_s"] > 0
+    assert [(e["budget"], e["method"]) for e in doc["summary"]] == [(b, m) for b in (0.1, 0.4) for m in METHODS]
+    for e in doc["summary"]:
+        for key in ("niah_acc", "agreement", "kl", "agreement_text", "agreement_mm", "kl_text", "kl_mm"):
+            assert e[key] is not None, (e["method"], key)
+        assert 0.0 <= e["agreement"] <= 1.0 and e["kl"] >= 0.0
+    assert {r["task"] for r in doc["rows"]} == {"niah", "text", "mm"}
+    # no 20 % budget in this run, so the agreement goal is not evaluated
+    assert set(doc["goals"]) == {"niah_equal_full_at_10pct", "better_than_baselines"}
+    table = (quick_run / "table.md").read_text()
+    assert table.count("| hybridkv |") == 2 and "## Goals" in table
+    assert (quick_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_cache_is_an_oracle(quick_run):
+    doc = json.loads((quick_run / "results.json").read_text())
+    full_rows = [r for r in doc["rows"] if r["method"] == "full" and r["task"] in ("text", "mm")]
+    assert full_rows
+    for r in full_rows:
+        assert r["agreement"] == 1.0
+        assert r["kl"] < 1e-9
+    for e in doc["summary"]:
+        if e["method"] == "full":
+            assert e["agreement"] == 1.0 and e["kl"] < 1e-9 and e["kept_fraction"] == 1.0
+        else:
+            assert e["kept_fraction"] < 1.0
+
+
+def test_metrics():
+    logits = torch.randn(5, 11)
+    assert mean_kl(logits, logits) == 0.0
+    assert mean_kl(logits, torch.zeros(5, 11)) > 0.0
+    assert top1_agreement(logits.argmax(-1), logits) == 1.0
+    assert passkey_found("The pass key is 42277.", "42277")
+    assert not passkey_found("The pass key is 422770.", "42277")
+
+
+def test_niah_prompts_are_reproducible_and_hold_the_needle():
+    count = lambda text: len(text.split())  # noqa: E731
+    a = niah_prompts(count, (300,), (0.0, 0.5, 1.0))
+    b = niah_prompts(count, (300,), (0.0, 0.5, 1.0))
+    assert a == b and len(a) == 3
+    for p in a:
+        assert p.text.count(p.passkey) == 2 and len(p.passkey) == 5
+    assert len(haystack_paragraphs()) > 50
+
+
+def test_eval_prompts_differ_from_calibration():
+    calib_images = {s for p in CALIBRATION_V1 for s in p.images}
+    calib_text = {p.instruction for p in CALIBRATION_V1}
+    for p in MULTIMODAL_EVAL:
+        assert not set(p.images) & calib_images
+        assert p.instruction not in calib_text
+
+
+def test_profile_of_another_model_is_a_named_error(tmp_path, capsys):
+    from conftest import ROOT
+
+    code = main(["eval", "--model", str(model_dir("tiny-vl")), "--profile",
+                 str(ROOT / "configs" / "profiles" / "smollm2-vl.json"), "--out", str(tmp_path), "--quick",
+                 "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "made for another model" in err and "num_layers: profile has 30, model has 2" in err
+
+
+def test_unknown_method_is_a_named_error(tmp_path, capsys):
+    code = main(["eval", "--model", str(model_dir("tiny-vl")), "--profile", "unused.json", "--methods",
+                 "full,h2o", "--out", str(tmp_path), "--quick"])
+    assert code == 2 and "--methods 'full,h2o'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budgets", ["0,0.1", "0.1,1.5", "abc"])
+def test_bad_budgets_are_rejected(budgets, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "m", "--profile", "p", "--out", "o", "--budgets", budgets])
+    assert "--budgets" in capsys.readouterr().err
