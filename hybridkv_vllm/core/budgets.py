@@ -5,7 +5,10 @@ With ``N = L * H`` heads, ``n_s`` static and ``n_d`` dynamic, a head's budget as
 - static:  ``f_h = budget * N * n_s / (n_s + r n_d) * w_h / sum_static(w)``
 - dynamic: ``f_h = budget * N * r / (n_s + r n_d)``
 
-and its token budget for a prompt of ``P`` tokens (whole blocks; ``P_aligned = bs * (P // bs)``) is
+capped at 1 (a head cannot keep more than the whole prompt): heads the formula gives more than 1 keep the whole
+prompt and the excess goes to the others in proportion (water-filling: ``f'_h = min(1, lam * f_h)`` with ``lam >= 1``
+chosen so the total ``budget * N`` is unchanged). So at ``budget = 1`` every head keeps everything (dense, DESIGN §5),
+and no budget is wasted on a head past its prompt. Its token budget for a prompt of ``P`` tokens (whole blocks; ``P_aligned = bs * (P // bs)``) is
 ``min(P_aligned, max(floor_blocks * bs, bs * floor(f_h * P / bs)))``. The prompt's partial tail block
 ``[P_aligned, P)`` is always kept on top and is not counted.
 
@@ -141,7 +144,23 @@ def allocate(heads: HeadProfile | tuple[torch.Tensor, torch.Tensor], cfg: Budget
         w = torch.where(is_static, weights, torch.zeros_like(weights))
         static_f = b * n * n_s / denom * w / w.sum()
         fractions = torch.where(is_static, static_f, fractions)
-    return BudgetPlan(fractions=fractions, is_static=is_static, cfg=cfg)
+    return BudgetPlan(fractions=cap_at_one(fractions), is_static=is_static, cfg=cfg)
+
+
+def cap_at_one(fractions: torch.Tensor) -> torch.Tensor:
+    """``min(1, lam * f)`` with the ``lam >= 1`` that keeps ``sum(f)`` (or ``N`` if ``sum(f) >= N``): water-filling."""
+    flat = fractions.flatten().to(torch.float64)
+    total = min(float(flat.sum()), float(flat.numel()))
+    if float(flat.max()) <= 1.0:
+        return fractions.clone()
+    order = torch.sort(flat, descending=True).values
+    suffix = torch.flip(torch.cumsum(torch.flip(order, [0]), 0), [0])      # suffix[k] = sum(order[k:])
+    for capped in range(1, flat.numel() + 1):
+        rest = float(suffix[capped]) if capped < flat.numel() else 0.0
+        lam = (total - capped) / rest if rest > 0 else float("inf")
+        if capped == flat.numel() or lam * float(order[capped]) <= 1.0:
+            return torch.clamp(fractions * lam, max=1.0) if rest > 0 else torch.ones_like(fractions)
+    return torch.ones_like(fractions)
 
 
 def uniform_plan(num_layers: int, num_kv_heads: int, cfg: BudgetConfig) -> BudgetPlan:

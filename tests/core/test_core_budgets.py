@@ -38,7 +38,15 @@ def _expected_fractions(is_static, weights, b, r):
     out = []
     for s, w in zip(is_static.flatten().tolist(), weights.flatten().tolist()):
         out.append(b * n * n_s / (n_s + r * n_d) * w / w_sum if s else b * n * r / (n_s + r * n_d))
-    return torch.tensor(out, dtype=torch.float64).reshape(L, H)
+    raw = torch.tensor(out, dtype=torch.float64).reshape(L, H)
+    if float(raw.max()) <= 1.0:
+        return raw
+    lo, hi = 1.0, 1.0 / float(raw[raw > 0].min())          # water-filling by bisection: sum(min(1, lam f)) = b N
+    target = min(float(raw.sum()), raw.numel())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float(torch.clamp(raw * mid, max=1.0).sum()) < target else (lo, mid)
+    return torch.clamp(raw * hi, max=1.0)
 
 
 @settings(max_examples=150, deadline=None)
@@ -47,7 +55,8 @@ def test_allocator_invariants(heads, b, r, P, bs, fb):
     is_static, weights = heads
     cfg = BudgetConfig(budget=b, r=r, block_size=bs, floor_blocks=fb)
     plan = allocate((is_static, weights), cfg)
-    torch.testing.assert_close(plan.fractions, _expected_fractions(is_static, weights, b, r), rtol=1e-12, atol=0)
+    torch.testing.assert_close(plan.fractions, _expected_fractions(is_static, weights, b, r), rtol=1e-9, atol=1e-12)
+    assert float(plan.fractions.max()) <= 1.0 + 1e-12
     assert math.isclose(float(plan.fractions.sum()), b * is_static.numel(), rel_tol=1e-9)
     tok = plan.tokens_for(P)
     assert tok.dtype == torch.int64 and tok.shape == is_static.shape
@@ -122,9 +131,14 @@ def test_allocate_input_errors():
         allocate((torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 2)), cfg).tokens_for(-1)
 
 
-def test_full_budget_with_unequal_static_weights_keeps_less_for_light_heads():
-    """Documents DESIGN §3 as written: at budget 1.0 static heads share by weight, so a light head gets < 1."""
+def test_full_budget_is_dense_with_unequal_static_weights():
+    """Heads the formula gives more than the whole prompt are capped and the excess goes to the others."""
     plan = allocate((torch.ones(1, 2, dtype=torch.bool), torch.tensor([[0.01, 0.1]], dtype=torch.float64)),
                     BudgetConfig(1.0))
-    assert plan.fractions[0, 0].item() < 1.0 < plan.fractions[0, 1].item()
-    assert plan.tokens_for(320).tolist() == [[48, 320]]  # 2*0.01/0.11*320/16 = 3.6 -> 3 blocks
+    assert plan.fractions.tolist() == [[1.0, 1.0]]
+    assert plan.tokens_for(320).tolist() == [[320, 320]]
+    half = allocate((torch.ones(1, 3, dtype=torch.bool), torch.tensor([[0.01, 0.01, 1.0]], dtype=torch.float64)),
+                    BudgetConfig(0.5))        # raw fractions 0.0147, 0.0147, 1.47 -> the heavy head is capped
+    assert half.fractions[0, 2].item() == 1.0
+    torch.testing.assert_close(half.fractions.sum(), torch.tensor(1.5, dtype=torch.float64))
+    assert half.fractions[0, 0].item() == pytest.approx(0.25)

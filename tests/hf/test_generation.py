@@ -68,9 +68,6 @@ def test_full_budget_equals_standard_generation_tiny(tiny_vl):
 
 
 @pytest.mark.model
-@pytest.mark.xfail(reason="core.budgets.allocate gives static heads with below-average weight a fraction < 1 at "
-                          "budget 1.0 (DESIGN §3 formula), so hybridkv@100% prunes them; reported to the core owner",
-                   strict=False)
 def test_shipped_profile_full_budget_is_dense(smollm2_vl):
     from pathlib import Path
 
