@@ -9,6 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from hybridkv_vllm.adapter.tiers import plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
 
@@ -120,7 +121,11 @@ def _max_concurrency(llm, prompts, max_tokens: int) -> tuple[int, dict]:
 
 
 def _kv_bytes(llm) -> int:
-    return sum(t.size for t in scheduler_of(llm).kv_cache_config.kv_cache_tensors)
+    """Bytes of the KV cache: every group's block id spans one page of each of its layers, and all groups share
+    one pool of ``num_blocks`` ids (vLLM overlays the groups' tensors on one allocation)."""
+    config = scheduler_of(llm).kv_cache_config
+    group = config.kv_cache_groups[0]
+    return config.num_blocks * len(group.layer_names) * group.kv_cache_spec.page_size_bytes
 
 
 def test_more_concurrent_requests_than_stock_at_same_memory(model_dir, profile_path):
@@ -132,16 +137,13 @@ def test_more_concurrent_requests_than_stock_at_same_memory(model_dir, profile_p
     del stock
     gc.collect()
 
-    # The same bytes: HybridKV's block ids span fewer (one-head) layers, so it gets proportionally more ids.
-    probe = make_llm(model_dir, {"profile": str(profile_path), "budget": BUDGET}, num_gpu_blocks_override=1000,
-                     max_num_seqs=6)
-    bytes_per_block = _kv_bytes(probe) // 1000
-    del probe
-    gc.collect()
-    hybrid_blocks = stock_bytes // bytes_per_block
+    # The same bytes: HybridKV's block ids span one-head layers of one tier, so the pool has more of them.
+    tiers = plan_tiers(allocate(HeadProfile.load(profile_path), BudgetConfig(budget=BUDGET, block_size=BS)))
+    head_page = BS * 2 * 64 * 4                          # one KV head, float32, head_dim 64
+    hybrid_blocks = stock_bytes // (tiers.group_size * head_page)
     hybrid = make_llm(model_dir, {"profile": str(profile_path), "budget": BUDGET},
                       num_gpu_blocks_override=hybrid_blocks, max_num_seqs=6)
-    assert _kv_bytes(hybrid) <= stock_bytes
+    assert _kv_bytes(hybrid) == stock_bytes
     hybrid_peak, hybrid_out = _max_concurrency(hybrid, prompts, max_tokens=16)
     print(f"peak concurrent requests at {stock_bytes / 2**20:.1f} MiB of KV: stock {stock_peak}, "
           f"HybridKV {hybrid_peak}")
