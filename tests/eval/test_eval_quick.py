@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import model_dir
+from testing_models import model_dir
 
 from hybridkv_vllm.cli import main
 from hybridkv_vllm.eval.metrics import mean_kl, passkey_found, top1_agreement
@@ -84,7 +84,7 @@ def test_eval_prompts_differ_from_calibration():
 
 
 def test_profile_of_another_model_is_a_named_error(tmp_path, capsys):
-    from conftest import ROOT
+    from testing_models import ROOT
 
     code = main(["eval", "--model", str(model_dir("tiny-vl")), "--profile",
                  str(ROOT / "configs" / "profiles" / "smollm2-vl.json"), "--out", str(tmp_path), "--quick",

@@ -1,20 +1,11 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from testing_models import model_dir
+
 torch.set_num_threads(int(os.environ.get("HYBRIDKV_TEST_THREADS", "1")))
-
-MODELS = Path(__file__).resolve().parents[2] / "models"
-
-
-def model_dir(name: str) -> Path:
-    path = MODELS / name
-    if not (path / "config.json").exists():
-        pytest.skip(f"{path} not built (make setup builds it)")
-    return path
 
 
 @pytest.fixture(scope="session")

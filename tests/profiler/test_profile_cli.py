@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from conftest import ROOT, model_dir
+from testing_models import ROOT, model_dir
 
 from hybridkv_vllm.cli import main
 from hybridkv_vllm.core import HeadProfile, ModelIdentity
