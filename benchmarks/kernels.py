@@ -158,7 +158,8 @@ def bench_sparse_config_sweep(timer, shapes, Hq, H, D, bs, dtype, gen):
         q = torch.randn(B, Hq, D, dtype=dtype, device=DEV, generator=gen)
         out = torch.empty_like(q)
         for j, (waves, min_tok) in enumerate(plans):
-            S = sparse_decode.plan_splits(B, H, ids.shape[2] * bs, DEV, waves=waves, min_tokens_per_split=min_tok)
+            S = sparse_decode.plan_splits(B, H, ids.shape[2] * bs, DEV, waves=waves, min_tokens_per_split=min_tok,
+                                          fit=False)
             ws = sparse_decode.Workspace.alloc(B, Hq, D, S, DEV)
             for i, cfg in enumerate(configs):
                 try:
@@ -204,6 +205,47 @@ def bench_select_sweep(timer, shapes, Hq, H, D, bs, dtype, gen):
         by_w.setdefault(w, []).append(t)
     best = min(by_w, key=lambda w: math.prod(by_w[w]))
     return rows, best
+
+
+def bench_split_plans(timer, copy_gbs, contexts, batches, budgets, Hq, H, D, bs, dtype, cfg, plan, gen):
+    """Sparse decode (graph-replayed) per shape: the two-kernel combine (a workspace without counters) vs the fused
+    in-kernel combine, with the default split plan and with ``plan_splits(fit=True)`` (whole waves)."""
+    waves, min_tok = plan
+    variants = [("before (2-kernel, waves plan)", dict(fit=False), False, {}, None),
+                ("2-kernel, default plan", {}, False, {}, None),
+                ("default (fused if S <= 8)", {}, True, {}, None),
+                ("fused, waves plan", dict(fit=False), True, {}, None)]
+    rows = []
+    for ctx in contexts:
+        for B in batches:
+            cache, table = make_cache(B, ctx, H, D, bs, dtype, gen)
+            kc, vc = sparse_decode.kv_views(cache, "nb2")
+            for budget in budgets:
+                ids, ntok, _ = sparse_lists(table, H, ctx, bs, budget, gen)
+                q = torch.randn(B, Hq, D, dtype=dtype, device=DEV, generator=gen)
+                ref = sparse_decode.reference(q, kc, vc, ids, ntok, D ** -0.5).float()
+                nbytes = decode_bytes(ntok, D, cache.element_size())
+                res = []
+                for name, pkw, fused, ckw, chunk in variants:
+                    sparse_decode.COMBINE_CHUNK_S = chunk
+                    S = sparse_decode.plan_splits(B, H, ids.shape[2] * bs, DEV, waves=waves,
+                                                  min_tokens_per_split=min_tok, **pkw)
+                    ws = sparse_decode.Workspace.alloc(B, Hq, D, S, DEV)
+                    if not fused:
+                        ws = sparse_decode.Workspace(ws.o, ws.lse)
+                    out = torch.empty_like(q)
+                    c = {**cfg, **ckw}
+                    t = timer.graph(lambda: sparse_decode.launch(q, kc, vc, ids, ntok, D ** -0.5, out, workspace=ws,
+                                                                 **c))
+                    err = (out.float() - ref).abs().max().item()
+                    res.append((name, S, t, nbytes / t / 1e3 / copy_gbs, err))
+                sparse_decode.COMBINE_CHUNK_S = None
+                rows.append((B, ctx, budget, nbytes / 1e6, res))
+                print(rows[-1], flush=True)
+            del cache, table
+            if CUDA:
+                torch.cuda.empty_cache()
+    return [v[0] for v in variants], rows
 
 
 def bench_decode(timer, copy_gbs, B, ctx, budget, Hq, H, D, bs, dtype, cfg, plan, select_warps, gen,
@@ -321,6 +363,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--out", type=str, default=None, help="also write the markdown here")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--plans", action="store_true", help="also compare combine paths x split plans (sparse decode)")
+    ap.add_argument("--only-plans", action="store_true", help="only that comparison (implies --plans, --no-sweep)")
     args = ap.parse_args()
 
     Hq, H, D, bs, dtype = 28, 4, 128, 16, torch.bfloat16
@@ -355,7 +399,7 @@ def main() -> None:
     cfg = dict(sparse_decode.LAUNCH)
     plan = (sparse_decode.WAVES, sparse_decode.MIN_TOKENS_PER_SPLIT)
     select_warps = None
-    if not args.no_sweep:
+    if not (args.no_sweep or args.only_plans):
         header, rows, (cfg, plan) = bench_sparse_config_sweep(timer, sweep_shapes, Hq, H, D, bs, dtype, gen)
         p("## Sparse decode: launch configurations x split plans (µs, graph-replayed)\n")
         p(f"| config | waves | min tokens/split | {header} |")
@@ -371,6 +415,32 @@ def main() -> None:
             p(f"| {B} | {ctx} | {budget:.0%} | {t_scores:.1f} | {w} | {t_sel:.1f} |")
         p(f"\nchosen select warps: {select_warps}\n")
         print("\n".join(lines), flush=True)
+
+    if args.plans or args.only_plans:
+        names, prow = bench_split_plans(timer, copy_gbs, contexts, batches, budgets, Hq, H, D, bs, dtype, cfg, plan,
+                                        gen)
+        p("## Sparse decode: combine path x split plan (µs, graph-replayed; S = splits, % = of copy bandwidth)\n")
+        p("`2-kernel` = partials + `_combine_kernel` (a workspace without counters, the earlier code path); `fused` = "
+          "the last split program of each (request, head) merges the partials (when S <= FUSED_MAX_SPLITS); "
+          "waves plan = `plan_splits(fit=False)`, default plan = `plan_splits()`; launch config "
+          f"`{cfg}`\n")
+        p("| B | ctx | budget | MB read | " + " | ".join(f"{n} S | {n} µs | {n} %" for n in names) + " | max err |")
+        p("|---|---|---|---|" + "---|---|---|" * len(names) + "---|")
+        for B, ctx, budget, mb, res in prow:
+            cells = " | ".join(f"{S} | {t:.1f} | {f:.0%}" for _, S, t, f, _ in res)
+            p(f"| {B} | {ctx} | {budget:.0%} | {mb:.1f} | {cells} | {max(e for *_, e in res):.1e} |")
+        p("")
+        if CUDA:  # registers / spills / shared memory of every compiled sparse-decode kernel
+            for dev_cache in getattr(sparse_decode._sparse_decode_kernel, "device_caches", {}).values():
+                for kern in dev_cache[0].values():
+                    cst = getattr(kern, "src", None)
+                    cst = {k: v for k, v in getattr(cst, "constants", {}).items()} if cst is not None else {}
+                    p(f"- compiled: regs {getattr(kern, 'n_regs', '?')}, spills {getattr(kern, 'n_spills', '?')}, "
+                      f"shared {kern.metadata.shared}, warps {kern.metadata.num_warps}; {cst}")
+            p("")
+        if args.only_plans:
+            print("\n".join(lines))
+            return
 
     p("## Decode: sparse paged decode vs dense paged decode\n")
     p("All Triton/SDPA times are CUDA-graph replays (the sparse step captures: no host synchronisation); "

@@ -36,9 +36,11 @@ Paged layouts (``kv_views``): every layout is a pair of ``[NB, bs, H, D]`` strid
 Kernels: ``_sparse_decode_kernel`` (grid ``(B, H, S)``): each program loads the ``G`` queries of its KV head once,
 walks its share of the listed tokens ``BLOCK_N`` at a time (addresses gathered through ``block_ids``), keeps an
 online softmax (exp2, fp32 ``m``, ``l``, ``acc``), and writes either the output (``S == 1``) or a normalised
-partial + log-sum-exp. ``_combine_kernel`` (grid ``(B, Hq)``) merges the ``S`` partials. Splits divide each
-request's own token count, so short and long requests share one launch; the split count depends only on shapes.
-No host synchronisation; CUDA-graph safe with a fixed workspace.
+partial + log-sum-exp. With ``workspace.counter`` (``Workspace.alloc`` gives one) and ``S <= FUSED_MAX_SPLITS``
+the last of the ``S`` programs of a (request, KV head) to finish merges the partials in the same launch (an acq_rel
+atomic count, reset to 0 by that program); otherwise ``_combine_kernel`` (grid ``(B, Hq)``) merges them. Splits
+divide each request's own token count, so short and long requests share one launch; the split count depends only on
+shapes. No host synchronisation; CUDA-graph safe with a fixed workspace.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def _sparse_decode_kernel(
     out_ptr,  # [B, Hq, D]            (ONE_SPLIT)
     po_ptr,  # [B, Hq, S, D] fp32     (not ONE_SPLIT)
     plse_ptr,  # [B, Hq, S] fp32      (not ONE_SPLIT)
+    cnt_ptr,  # [B, >=H] int32 zeros  (FUSED: arrival counters, reset by the reducing program)
     qk_scale,  # scale * log2(e)
     L, num_splits,
     stride_qb, stride_qh,
@@ -74,8 +77,10 @@ def _sparse_decode_kernel(
     stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
+    stride_cb,
     BS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    FUSED: tl.constexpr, G_C: tl.constexpr, CHUNK_S: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -133,6 +138,41 @@ def _sparse_decode_kernel(
         tl.store(po_ptr + b * stride_pb + hq[:, None] * stride_ph + s * stride_ps + d[None, :], o, mask=om)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(plse_ptr + b * stride_lb + hq * stride_lh + s, lse, mask=gm)
+        if FUSED:
+            # split-K combine folded in: the last of the (b, h)'s S programs to arrive merges the partials.
+            # Barrier, then a gpu-scope acq_rel atomic (the cooperative-groups grid-sync pattern): every
+            # thread's partial stores are released before the count, and the last arriver acquires all of them.
+            tl.debug_barrier()
+            cnt = cnt_ptr + b * stride_cb + h
+            arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.store(cnt, 0)  # every program of this (b, h) has counted: reset for the next launch / replay
+                gc = tl.arange(0, G_C)
+                sc = tl.arange(0, CHUNK_S)
+                gcm = gc < G
+                hqc = h * G + gc
+                l_base = plse_ptr + b * stride_lb + hqc[:, None] * stride_lh
+                o_base = po_ptr + b * stride_pb + hqc[:, None, None] * stride_ph + d[None, None, :]
+                m_r = tl.full([G_C], float("-inf"), tl.float32)
+                w_r = tl.zeros([G_C], tl.float32)
+                a_r = tl.zeros([G_C, BLOCK_D], tl.float32)
+                for s0 in range(0, num_splits, CHUNK_S):
+                    sp = s0 + sc
+                    lm = gcm[:, None] & (sp < num_splits)[None, :]
+                    lse_c = tl.load(l_base + sp[None, :], mask=lm, other=float("-inf"), cache_modifier=".cg")
+                    m_n = tl.maximum(m_r, tl.max(lse_c, axis=1))
+                    safe = tl.where(m_n > float("-inf"), m_n, 0.0)
+                    w = tl.exp2(lse_c - safe[:, None])  # 0 where lse = -inf (empty split / padding)
+                    o_c = tl.load(o_base + sp[None, :, None] * stride_ps,
+                                  mask=(lm & (w > 0))[:, :, None] & dm[None, None, :], other=0.0,
+                                  cache_modifier=".cg")
+                    r = tl.exp2(m_r - safe)
+                    a_r = a_r * r[:, None] + tl.sum(o_c * w[:, :, None], axis=1)
+                    w_r = w_r * r + tl.sum(w, axis=1)
+                    m_r = m_n
+                res = a_r / tl.where(w_r > 0, w_r, 1.0)[:, None]
+                tl.store(out_ptr + b * stride_ob + hqc[:, None] * stride_oh + d[None, :],
+                         res.to(out_ptr.dtype.element_ty), mask=gcm[:, None] & dm[None, :])
 
 
 @triton.jit
@@ -169,6 +209,12 @@ def _combine_kernel(
 WAVES = 2.0  # split planning: about two programs per SM ...
 MIN_TOKENS_PER_SPLIT = 128  # ... but at least two 64-token tiles per split
 LAUNCH = dict(block_n=64, num_warps=8, num_stages=3)
+# Fused combine (``Workspace.alloc`` gives counters): used up to FUSED_MAX_SPLITS splits (beyond, the serial merge
+# in one program costs more than the separate combine kernel: B=1, S=26-52 measured 1-4 us slower). It merges
+# COMBINE_CHUNK_S splits a step (None: 2 for S <= 4, else 8; both keep the kernel at 80 registers, 3 programs per
+# SM; 4 and 16 took it to 91-96 registers, 2 programs per SM, and were 10-15 % slower at B=32).
+FUSED_MAX_SPLITS = 8
+COMBINE_CHUNK_S: int | None = None
 
 @lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
@@ -176,22 +222,40 @@ def _num_sms(device_index: int) -> int:
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device | str, *,
-                waves: float = WAVES, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT) -> int:
+                waves: float = WAVES, min_tokens_per_split: int = MIN_TOKENS_PER_SPLIT, fit: bool | None = None,
+                slots_per_sm: int = 2) -> int:
     """Context splits ``S`` from shapes only: about ``waves`` programs per SM, at least ``min_tokens_per_split``
-    tokens per split (defaults measured on an H100, ``benchmarks/results/kernels_h100.md``)."""
+    tokens per split (defaults measured on an H100, ``benchmarks/results/kernels_h100.md``).
+
+    ``fit=True`` instead picks the ``S`` (same cap) minimising ``ceil(B * H * S / (sms * slots_per_sm)) *
+    (max_tokens / S + min_tokens_per_split)``: whole waves of programs, each paying its tokens plus a fixed cost of
+    about ``min_tokens_per_split`` tokens. ``fit=None`` (default) fits when the (request, KV head) pairs are fewer
+    than half the SMs (B=8, H=4: S=8 instead of 9, 2-4 % faster with the fused combine; B=1 gets the same S
+    either way) and keeps the ``waves`` rule otherwise (B=32: S=3 beat the fit's S=2 by 2-3 %)."""
     device = torch.device(device)
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
-    want = math.ceil(waves * sms / max(batch * num_kv_heads, 1))
-    cap = max(1, triton.cdiv(max_tokens, min_tokens_per_split))
-    return int(max(1, min(want, cap, 256)))
+    pairs = max(batch * num_kv_heads, 1)
+    cap = int(min(max(1, triton.cdiv(max_tokens, min_tokens_per_split)), 256))
+    if fit is None:
+        fit = 2 * pairs < sms
+    if fit:
+        slots = max(1, sms * slots_per_sm)
+        return min(range(1, cap + 1),
+                   key=lambda s: (-(-pairs * s // slots) * (max_tokens / s + min_tokens_per_split), s))
+    want = math.ceil(waves * sms / pairs)
+    return int(max(1, min(want, cap)))
 
 
 @dataclass(frozen=True)
 class Workspace:
-    """Caller-owned partials of the context splits: ``o [B, Hq, S, D]`` fp32, ``lse [B, Hq, S]`` fp32."""
+    """Caller-owned partials of the context splits: ``o [B, Hq, S, D]`` fp32, ``lse [B, Hq, S]`` fp32, and
+    ``counter [B, Hq]`` int32 zeros (arrival counts: the last split program of each (request, KV head) merges the
+    partials in the same launch and sets its count back to 0, so one workspace serves every call and graph replay).
+    A workspace built without ``counter`` uses a separate combine kernel instead."""
 
     o: torch.Tensor
     lse: torch.Tensor
+    counter: torch.Tensor | None = None
 
     @property
     def num_splits(self) -> int:
@@ -200,7 +264,8 @@ class Workspace:
     @classmethod
     def alloc(cls, batch: int, num_q_heads: int, head_dim: int, num_splits: int, device) -> "Workspace":
         return cls(torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device),
-                   torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device))
+                   torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device),
+                   torch.zeros(batch, num_q_heads, dtype=torch.int32, device=device))
 
 
 def kv_views(kv_cache: torch.Tensor, layout: str, head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +329,17 @@ def launch(q, key_cache, value_cache, block_ids, num_tokens, scale, out, *, work
         block_n = max(block_n, 16)  # tl.dot needs N >= 16 on GPUs
     dummy = out
     po, plse = (workspace.o, workspace.lse) if S > 1 else (dummy, dummy)
+    cnt = workspace.counter if 1 < S <= FUSED_MAX_SPLITS and workspace.counter is not None else None
+    fused = cnt is not None
+    if fused and (cnt.dtype != torch.int32 or cnt.dim() != 2 or cnt.shape[0] < B or cnt.shape[1] < H
+                  or cnt.stride(1) != 1):
+        raise ValueError(f"workspace.counter must be int32 [>={B}, >={H}] with a unit last stride, got "
+                         f"{cnt.dtype} {tuple(cnt.shape)}")
+    G_C = next_pow2(G)
+    BLOCK_D = max(16, next_pow2(D))
+    chunk_s = COMBINE_CHUNK_S or (2 if S <= 4 else 8)  # combine tile [G_C, CHUNK_S, BLOCK_D] fp32
     _sparse_decode_kernel[(B, H, S)](
-        q, key_cache, value_cache, block_ids, num_tokens, out, po, plse,
+        q, key_cache, value_cache, block_ids, num_tokens, out, po, plse, cnt if fused else dummy,
         float(scale) * LOG2E, L, S,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -275,11 +349,12 @@ def launch(q, key_cache, value_cache, block_ids, num_tokens, scale, out, *, work
         out.stride(0), out.stride(1),
         po.stride(0), po.stride(1), po.stride(2) if S > 1 else 0,
         plse.stride(0), plse.stride(1),
-        BS=bs, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_D=max(16, next_pow2(D)), BLOCK_N=block_n,
-        ONE_SPLIT=S == 1, DOT_F32=_dot_f32(q.dtype),
+        cnt.stride(0) if fused else 0,
+        BS=bs, G=G, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        ONE_SPLIT=S == 1, DOT_F32=_dot_f32(q.dtype), FUSED=fused, G_C=G_C, CHUNK_S=chunk_s,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if S > 1:
+    if S > 1 and not fused:
         _combine_kernel[(B, Hq)](
             po, plse, out, S,
             po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1),

@@ -98,3 +98,62 @@ def test_run_dispatch_reference_path():
     out = poison(torch.empty_like(q))
     sparse_decode.run(q, kc, vc, ids, ntok, 0.3, out, backend="torch")
     assert torch.equal(out, sparse_decode.reference(q, kc, vc, ids, ntok, 0.3))
+
+
+@pytest.mark.parametrize("Hq,H", [(4, 2), (7, 1)])
+def test_fused_combine_reuses_workspace(Hq, H, device):
+    """The in-kernel combine (``Workspace.alloc`` gives arrival counters): repeated calls on one workspace, new
+    inputs each time, stay exact, and every counter is back at 0 after each call (so graph replays work)."""
+    g = gen(seed_of("fused", Hq, H))
+    seqs = [1, 13, 26, 40]
+    _, kc, vc, table, _, _ = paged_cache(g, seqs, H, D, BS, torch.float32, device=device)
+    ws = sparse_decode.Workspace.alloc(len(seqs), Hq, D, 3, device)
+    assert ws.counter is not None and (ws.counter == 0).all()
+    for _ in range(3):
+        ids, ntok = _lists(g, table, seqs, H, L=10, device=device)
+        q = randn(g, len(seqs), Hq, D, device=device)
+        _check(q, kc, vc, ids, ntok, torch.float32, workspace=ws)
+        assert (ws.counter == 0).all()
+
+
+@pytest.mark.parametrize("splits,max_fused,chunk", [(2, None, None), (3, None, None), (8, None, None),
+                                                    (37, None, None), (37, 64, 2), (7, 64, 4)])
+def test_fused_matches_two_kernel_path(splits, max_fused, chunk, device, monkeypatch):
+    """Counters present (fused combine; several merge steps when ``COMBINE_CHUNK_S < S``; the separate kernel
+    beyond ``FUSED_MAX_SPLITS``) vs absent (``_combine_kernel``): both equal the reference; bf16 in, bf16 out."""
+    if max_fused is not None:
+        monkeypatch.setattr(sparse_decode, "FUSED_MAX_SPLITS", max_fused)
+    monkeypatch.setattr(sparse_decode, "COMBINE_CHUNK_S", chunk)
+    g = gen(seed_of("two", splits, chunk))
+    seqs = [5, 60, 64]
+    _, kc, vc, table, _, _ = paged_cache(g, seqs, 2, D, BS, torch.bfloat16, device=device)
+    ids, ntok = _lists(g, table, seqs, 2, L=16, device=device)
+    q = randn(g, 3, 8, D, dtype=torch.bfloat16, device=device)
+    ws = sparse_decode.Workspace.alloc(3, 8, D, splits, device)
+    _check(q, kc, vc, ids, ntok, torch.bfloat16, workspace=ws)
+    assert (ws.counter == 0).all()
+    _check(q, kc, vc, ids, ntok, torch.bfloat16, workspace=sparse_decode.Workspace(ws.o, ws.lse))
+
+
+def test_bad_counter_rejected(device):
+    g = gen(8)
+    _, kc, vc, table, _, _ = paged_cache(g, [8], 2, D, BS, torch.float32, device=device)
+    ids, ntok = _lists(g, table, [8], 2, L=2, device=device)
+    q = randn(g, 1, 4, D, device=device)
+    ws = sparse_decode.Workspace.alloc(1, 4, D, 2, device)
+    bad = sparse_decode.Workspace(ws.o, ws.lse, torch.zeros(1, 4, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="counter"):
+        sparse_decode.launch(q, kc, vc, ids, ntok, 0.3, torch.empty_like(q), workspace=bad)
+
+
+def test_plan_splits_fit():
+    """``fit=True`` minimises the documented whole-wave cost; ``fit=None`` fits only when B * H < sms / 2."""
+    sms = 4  # plan_splits' stand-in SM count off CUDA
+    for B, H, T in [(1, 1, 4096), (1, 3, 4096), (2, 2, 300), (5, 4, 8192)]:
+        cap = min(-(-T // 128), 256)
+        cost = lambda s: (-(-B * H * s // (2 * sms)) * (T / s + 128), s)  # noqa: E731
+        assert sparse_decode.plan_splits(B, H, T, "cpu", fit=True) == min(range(1, cap + 1), key=cost)
+        waves = max(1, min(-(-2 * sms // (B * H)), cap))
+        assert sparse_decode.plan_splits(B, H, T, "cpu", fit=False) == waves
+        assert sparse_decode.plan_splits(B, H, T, "cpu") == (min(range(1, cap + 1), key=cost) if 2 * B * H < sms
+                                                             else waves)
