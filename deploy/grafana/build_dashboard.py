@@ -99,13 +99,13 @@ def build() -> dict:
              "(uncompressed - held blocks) x bytes per block, summed over replicas.",
              f"sum({saved_bytes})", "bytes", 0, 1),
         stat("KV compression ratio", "Blocks the compressed requests would hold without HybridKV / blocks they "
-             "hold. 1/budget is the ideal for static heads; dynamic heads stay resident.",
+             "hold (vLLM's pool only; the dynamic heads' cold tier is not in it). About 1/budget is ideal.",
              f"sum(hybridkv:kv_blocks_uncompressed{{{M}}}) / (sum(hybridkv:kv_blocks_held{{{M}}}) > 0)",
              "none", 6, 1, decimals=2),
         stat("Static-head KV kept (5m)", "Share of the static heads' KV entries (head x token) kept at "
              "compression over the last 5 minutes; compare with the configured budget (the floor of blocks each "
-             "head keeps raises it for short prompts). Dynamic heads keep every entry resident and retrieve chunks "
-             "at decode: see 'KV entries kept by head type vs budget'.",
+             "head keeps raises it for short prompts). Dynamic heads keep a hot buffer of the same kind in the "
+             "pool and their prompt in the cold tier: see 'KV entries kept by head type vs budget'.",
              f"sum(rate(hybridkv:tokens_kept_total{{{M},head_type=\"static\"}}[5m])) / "
              f"sum(rate(hybridkv:tokens_uncompressed_total{{{M},head_type=\"static\"}}[5m]))", "percentunit", 12, 1,
              decimals=1),
@@ -117,8 +117,11 @@ def build() -> dict:
                     target(f"sum by (model_name) (hybridkv:kv_blocks_uncompressed{{{M}}})",
                            "uncompressed {{model_name}}", "B")],
                    "short", 0, 5, 12),
-        timeseries("KV memory saved", "Bytes of KV cache saved, per model.",
-                   [target(f"sum by (model_name) ({saved_bytes})", "{{model_name}}", "A")], "bytes", 12, 5, 12),
+        timeseries("KV memory saved", "Bytes of vLLM's KV-cache pool saved, per model, and the bytes the dynamic "
+                   "heads' prompts occupy in the cold tier instead (host memory on GPU machines).",
+                   [target(f"sum by (model_name) ({saved_bytes})", "saved in pool {{model_name}}", "A"),
+                    target(f"sum by (model_name) (hybridkv:cold_tier_bytes{{{M}}})", "cold tier {{model_name}}",
+                           "B")], "bytes", 12, 5, 12),
         row("vLLM: load and KV cache", 13),
         timeseries("Concurrency", "vLLM's scheduler: requests running and waiting (the autoscaling signal).",
                    [target(f"sum by (model_name) (vllm:num_requests_running{{{M}}})", "running {{model_name}}",

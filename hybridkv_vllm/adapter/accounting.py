@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybridkv_vllm.adapter import metrics
-from hybridkv_vllm.adapter.tiers import BUDGET, RETRIEVE, kept_blocks
+from hybridkv_vllm.adapter.tiers import RETRIEVE, kept_blocks
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -27,6 +27,7 @@ class StepAccounting:
     block_bytes: int
     compress_seconds: float = 0.0
     chunk_loads: int = 0
+    swap_in_bytes: int = 0
     chunks_scored: int = 0
     _last_batch: object = field(default=None, repr=False)
 
@@ -35,8 +36,7 @@ class StepAccounting:
         bs, full = self.block_size, _cdiv(num_tokens, self.block_size)
         held = 0
         for tier in self.tiers.tiers:
-            kept = kept_blocks(prompt_len, tier.fraction, bs, self.floor_blocks, self.min_prompt_tokens) \
-                if tier.kind == BUDGET else None
+            kept = kept_blocks(prompt_len, tier.fraction, bs, self.floor_blocks, self.min_prompt_tokens)
             held += full if kept is None else kept + full - prompt_len // bs
         return held, full * len(self.tiers.tiers)
 
@@ -48,7 +48,7 @@ class StepAccounting:
             for layer, head in tier.heads:
                 kind = "dynamic" if self.tiers.modes[layer][head] == RETRIEVE else "static"
                 blocks = kept_blocks(prompt_len, tier.fraction, self.block_size, self.floor_blocks,
-                                     self.min_prompt_tokens) if tier.kind == BUDGET else None
+                                     self.min_prompt_tokens)
                 kept[kind] += prompt_len if blocks is None else blocks * self.block_size + tail
                 total[kind] += prompt_len
         return kept, total
@@ -58,7 +58,7 @@ class StepAccounting:
         metrics.set_blocks(0, 0, self.block_bytes)
         self._last_batch = None
 
-    def observe(self, batch, rows) -> None:
+    def observe(self, batch, rows, cold_tier_bytes: int = 0) -> None:
         """Publish the step's figures; ``rows`` are the builder's RowPlans. Once per ``batch`` object."""
         if batch is self._last_batch:
             return
@@ -76,10 +76,10 @@ class StepAccounting:
             if row.compressed and row.after_prompt:
                 h, u = self.held_blocks(row.prompt_len, row.seq_len)
                 held, uncompressed = held + h, uncompressed + u
-        metrics.set_blocks(held, uncompressed, self.block_bytes)
+        metrics.set_blocks(held, uncompressed, self.block_bytes, cold_tier_bytes)
         if self.compress_seconds:
             metrics.get_metrics().compression_time.observe(self.compress_seconds)
             self.compress_seconds = 0.0
         if self.chunk_loads or self.chunks_scored:
-            metrics.record_retrieval(self.chunk_loads, self.chunks_scored)
-            self.chunk_loads = self.chunks_scored = 0
+            metrics.record_retrieval(self.chunk_loads, self.chunks_scored, swap_in_bytes=self.swap_in_bytes)
+            self.chunk_loads = self.chunks_scored = self.swap_in_bytes = 0

@@ -5,20 +5,25 @@ KV-cache group and step: plans each request row and rewrites the block tables of
 ``HybridKVImpl`` (per layer: writes K/V, attends, compacts) and ``HybridKVHeadLayer`` (the one-head virtual
 layers that give every KV head its own KV-cache group; see tiers.py).
 
-Per KV head at decode (mode from the tier plan):
-* ``pruned`` (static): attends to ``table[:kept] ++ table[P // bs:]``: the compacted kept prompt tokens, the
-  prompt's tail block and every generated token. In the step that completes the prompt the head scores the
-  prompt with its observation-window queries and moves the selected tokens into blocks ``[0, kept)``; the
-  budget manager frees blocks ``[kept, P // bs)`` right after that step (kv_spec.py).
-* ``retrieve`` (dynamic): scores every chunk (= block) with the query (Quest min/max bound, GQA-summed) and
-  attends to the top-k chunks, the sink chunk and the newest chunk; its full KV stays in the pool.
-* ``dense`` (static head promoted to a full tier): attends to everything.
-Prefill always attends densely. Attention itself is vLLM's own CPU paged kernel on the rewritten tables.
+Every KV head sits in a budget tier (tiers.py): once its prompt is processed a compressed request keeps blocks
+``[0, kept)`` plus the tail (prompt's partial block + generated tokens), and the budget manager frees
+``[kept, P // bs)`` right after the step that completes the prompt (kv_spec.py). The builder rewrites each such
+row to ``table[:kept] ++ table[P // bs:]``; what the ``kept`` blocks hold depends on the head (mode from the plan):
+
+* ``pruned`` (static): in the step that completes the prompt the head scores the prompt with its
+  observation-window queries and compacts the selected tokens into blocks ``[0, kept)``, for good.
+* ``retrieve`` (dynamic): in that step the head's complete prompt chunks are copied to the cold tier
+  (cold_tier.py) with their Quest min/max key summaries; every decode step the query scores the summaries
+  (GQA-summed), selects the sink chunk, the prompt's last complete chunk and the top scores, and the selected
+  chunks not resident yet are copied into blocks ``[0, kept)``, the head's hot buffer.
+
+A request shorter than ``min_prompt_tokens``, or a tier that would free nothing, attends densely. Prefill always
+attends densely. Attention itself is vLLM's own CPU paged kernel on the rewritten tables.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -32,14 +37,14 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.attention.backend import AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
                                                  CPUAttentionMetadata, _get_attn_isa)
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 from hybridkv_vllm.adapter import cpu_layout
+from hybridkv_vllm.adapter.cold_tier import ColdChunks, plan_swap_in
 from hybridkv_vllm.adapter.kv_spec import HybridKVBudgetSpec, register_spec
 from hybridkv_vllm.adapter.runtime import get_runtime
-from hybridkv_vllm.adapter.tiers import BUDGET, PRUNED, RETRIEVE, kept_blocks
-from hybridkv_vllm.core.selection import (chunk_summaries, dynamic_chunk_budget, score_chunks, select_chunks,
-                                          select_static, text_prior_scores)
+from hybridkv_vllm.adapter.tiers import PRUNED, RETRIEVE, kept_blocks
+from hybridkv_vllm.core.selection import score_chunks, select_chunks, select_static, text_prior_scores
 
 BACKEND_NAME = "HYBRIDKV"
 HEAD_SUFFIX = ".hkv_h"
@@ -141,7 +146,7 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
             query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=seq_lens,
             block_table=table, slot_mapping=cm.slot_mapping,
             scheduler_metadata=self.scheduler_metadata(cm, seq_lens), causal=cm.causal)
-        self.runtime.accounting.observe(self.runtime.batch, rows)
+        self.runtime.accounting.observe(self.runtime.batch, rows, self.runtime.cold.nbytes)
         return HybridKVMetadata(attn=attn, rows=rows, block_table=cm.block_table_tensor)
 
 
@@ -166,11 +171,9 @@ class HybridKVHeadLayer(AttentionLayerBase):
 
 
 def _head_spec(runtime, tier, block_size: int, head_size: int, dtype: torch.dtype) -> AttentionSpec:
-    if tier.kind == BUDGET:
-        return HybridKVBudgetSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype,
-                                  fraction=tier.fraction, floor_blocks=runtime.config.floor_blocks,
-                                  min_prompt_tokens=runtime.config.min_prompt_tokens)
-    return FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype)
+    return HybridKVBudgetSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=dtype,
+                              fraction=tier.fraction, floor_blocks=runtime.config.floor_blocks,
+                              min_prompt_tokens=runtime.config.min_prompt_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------ impl
@@ -189,7 +192,6 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         self.group = num_heads // num_kv_heads
         self.head_names: list[str] = []
         self.modes: tuple[str, ...] = ()
-        self.retrieve_fraction: list[float] = []
 
     # -- setup: after the weights are loaded, the layer exists under its name; give each head its own layer
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
@@ -204,7 +206,6 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         runtime, bs = self.runtime, self.vllm_config.cache_config.block_size
         index = extract_layer_index(layer.layer_name)
         self.modes = runtime.tiers.modes[index]
-        self.retrieve_fraction = [float(f) for f in runtime.budget_plan.fractions[index]]
         specs = [_head_spec(runtime, runtime.tiers.tier(index, h), bs, self.head_size, layer.kv_cache_torch_dtype)
                  for h in range(self.num_kv_heads)]
         layer.get_kv_cache_spec = lambda vllm_config, _spec=specs[0]: _spec    # this instance only
@@ -238,9 +239,9 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                                                md.attn.slot_mapping, self.isa, k_scale=layer._k_scale_float,
                                                v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
             q = query[:n, h * g:(h + 1) * g].contiguous()
-            run = md.attn
             if self.modes[h] == RETRIEVE:
-                run = self._retrieval_metadata(md, q, key_cache, h)
+                self._retrieve(md, q, key_cache, value_cache, h)
+            run = md.attn
             out = torch.empty_like(q)
             ops.cpu_attention_with_kv_cache(
                 query=q, key_cache=key_cache, value_cache=value_cache, output=out,
@@ -249,11 +250,14 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 scheduler_metadata=run.scheduler_metadata, s_aux=None, dynamic_causal=None,
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
             output[:n, h * g:(h + 1) * g] = out
+            started = time.perf_counter()
             if self.modes[h] == PRUNED:
                 self._stash_observation_queries(md, q, h)
-                started = time.perf_counter()
-                if self._compact(md, q, key_cache, value_cache, h):
-                    self.runtime.accounting.compress_seconds += time.perf_counter() - started
+                compressed = self._compact(md, q, key_cache, value_cache, h)
+            else:
+                compressed = self._offload(md, key_cache, value_cache, h)
+            if compressed:
+                self.runtime.accounting.compress_seconds += time.perf_counter() - started
         return output
 
     @staticmethod
@@ -261,38 +265,44 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         num_blocks, heads, block_size, _ = cache.shape
         return cache.view(num_blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
 
-    # -- dynamic heads: top-k chunk retrieval
-    def _retrieval_metadata(self, md: HybridKVMetadata, q: torch.Tensor, key_cache: torch.Tensor,
-                            h: int) -> CPUAttentionMetadata:
-        cfg, sel_cfg = self.runtime.config, self.runtime.selection
-        bs = key_cache.shape[2]
-        table, seq_lens = None, None
+    # -- dynamic heads: cold tier + hot buffer
+    def _offload(self, md: HybridKVMetadata, key_cache: torch.Tensor, value_cache: torch.Tensor, h: int) -> bool:
+        """In the step that completes a compressed prompt: its complete chunks go to the cold tier."""
+        offloaded = False
         for r, row in enumerate(md.rows):
-            if not (row.compressed and row.after_prompt and row.q_end - row.q_start == 1):
+            if row.kept is None or not row.completes_prompt or r >= len(self.runtime.batch.rows):
                 continue
-            budget = kept_blocks(row.prompt_len, self.retrieve_fraction[h], bs, cfg.floor_blocks, 0)
-            if budget is None:                   # the head's budget covers the whole prompt
+            ids = md.block_table[r, :row.prompt_len // key_cache.shape[2]].long()
+            keys = cpu_layout.read_keys(key_cache, ids, self.key_perm).to(torch.float32)        # [C, bs, D]
+            chunks = ColdChunks(keys=key_cache[ids, 0].clone(), values=value_cache[ids, 0].clone(),
+                                kmin=keys.amin(dim=1), kmax=keys.amax(dim=1), resident=list(range(row.kept)))
+            self.runtime.cold.put(self.runtime.batch.rows[r].req_id, (self.layer_name, h), chunks)
+            offloaded = True
+        return offloaded
+
+    def _retrieve(self, md: HybridKVMetadata, q: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, h: int) -> None:
+        """Decode rows: bring the prompt chunks this step's query scores highest into the hot buffer."""
+        accounting = self.runtime.accounting
+        for r, row in enumerate(md.rows):
+            if row.kept is None or not row.after_prompt or row.q_end - row.q_start != 1:
                 continue
-            chunks = cdiv(row.seq_len, bs)
-            k = dynamic_chunk_budget(budget * bs, row.prompt_len, row.seq_len, bs)
-            if chunks <= k:
-                continue
-            ids = md.attn.block_table[r, :chunks]
-            keys = cpu_layout.read_keys(key_cache, ids, self.key_perm).reshape(1, chunks * bs, -1)[:, :row.seq_len]
-            kmin, kmax = chunk_summaries(keys, bs)
-            chosen = select_chunks(score_chunks(q[row.q_start], kmin, kmax), chunks, k, sel_cfg)[0]
-            if table is None:
-                table, seq_lens = md.attn.block_table.clone(), md.attn.seq_lens.clone()
-            table[r, :chosen.numel()] = ids[chosen]
-            seq_lens[r] = (chosen.numel() - 1) * bs + row.seq_len - (chunks - 1) * bs
-            self.runtime.accounting.chunk_loads += chosen.numel()
-            self.runtime.accounting.chunks_scored += chunks
-        if table is None:
-            return md.attn
-        builder_like = _SchedulerMetadata(self.group, self.head_size, self.vllm_config.model_config.dtype,
-                                          self.isa, self.kv_cache_dtype)
-        return replace(md.attn, block_table=table, seq_lens=seq_lens,
-                       scheduler_metadata=builder_like(md, seq_lens))
+            req_id = self.runtime.batch.rows[r].req_id if r < len(self.runtime.batch.rows) else None
+            cold = self.runtime.cold.get(req_id, (self.layer_name, h))
+            if cold is None:
+                raise RuntimeError(f"HybridKV: no cold-tier entry for request {req_id!r}, {self.layer_name} "
+                                   f"head {h}: its prompt was not offloaded")
+            scores = score_chunks(q[row.q_start], cold.kmin[None], cold.kmax[None])           # [1, C]
+            chosen = select_chunks(scores, scores.shape[1], row.kept, self.runtime.selection)[0].tolist()
+            swaps = plan_swap_in(cold.resident, chosen)
+            if swaps:
+                slots, chunk_ids = (torch.tensor(x, dtype=torch.long) for x in zip(*swaps))
+                hot = md.block_table[r, slots].long()
+                key_cache[hot, 0] = cold.keys[chunk_ids]
+                value_cache[hot, 0] = cold.values[chunk_ids]
+            accounting.chunk_loads += len(swaps)
+            accounting.swap_in_bytes += len(swaps) * 2 * cold.keys[0].numel() * cold.keys.element_size()
+            accounting.chunks_scored += scores.shape[1]
 
     # -- static heads: text-prior pruning when the prompt completes
     def _stash_observation_queries(self, md: HybridKVMetadata, q: torch.Tensor, h: int) -> None:
@@ -341,22 +351,6 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             cpu_layout.write_keys(key_cache, kept_ids, keys[chosen].reshape(row.kept, bs, -1), self.key_perm)
             value_cache[kept_ids.long(), 0] = values[chosen].reshape(row.kept, bs, -1)
         return compacted
-
-
-@dataclass
-class _SchedulerMetadata:
-    group: int
-    head_size: int
-    dtype: torch.dtype
-    isa: str
-    kv_cache_dtype: str
-
-    def __call__(self, md: HybridKVMetadata, seq_lens: torch.Tensor) -> torch.Tensor:
-        return ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(md.rows), num_heads=self.group, num_kv_heads=1, head_dim=self.head_size,
-            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=md.attn.query_start_loc, causal=md.attn.causal,
-            sliding_window_size=-1, isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype)
 
 
 # --------------------------------------------------------------------------------------------------- backend

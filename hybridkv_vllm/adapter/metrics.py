@@ -15,6 +15,8 @@ name                                        type       extra labels             
 ``hybridkv:kv_block_bytes``                 gauge      --                               bytes of one such block (so
                                                                                         ``(uncompressed - held) * bytes`` =
                                                                                         bytes saved)
+``hybridkv:cold_tier_bytes``                gauge      --                               bytes of dynamic heads' prompt KV held
+                                                                                        in the cold tier (outside vLLM's pool)
 ``hybridkv:configured_budget``              gauge      --                               the configured budget (fraction kept)
 ``hybridkv:profile_info``                   gauge = 1  profile_model, profile_version,  which head profile and budget this
                                                        profile_fingerprint, budget      engine runs (info emulated by a gauge,
@@ -98,6 +100,7 @@ COMPRESSION_TIME_BUCKETS: tuple[float, ...] = (
 KV_BLOCKS_HELD = PREFIX + "kv_blocks_held"
 KV_BLOCKS_UNCOMPRESSED = PREFIX + "kv_blocks_uncompressed"
 KV_BLOCK_BYTES = PREFIX + "kv_block_bytes"
+COLD_TIER_BYTES = PREFIX + "cold_tier_bytes"
 CONFIGURED_BUDGET = PREFIX + "configured_budget"
 PROFILE_INFO = PREFIX + "profile_info"
 TOKENS_KEPT = PREFIX + "tokens_kept"
@@ -139,6 +142,8 @@ METRICS: tuple[MetricSpec, ...] = (
                "KV-cache blocks the same requests would hold without compression."),
     MetricSpec(KV_BLOCK_BYTES, "gauge", LABELS,
                "Bytes of one KV-cache block as counted by hybridkv:kv_blocks_held."),
+    MetricSpec(COLD_TIER_BYTES, "gauge", LABELS,
+               "Bytes of dynamic heads' prompt KV held in the cold tier, outside vLLM's KV-cache pool."),
     MetricSpec(CONFIGURED_BUDGET, "gauge", LABELS,
                "Configured HybridKV budget: the fraction of the prompt's KV entries kept."),
     MetricSpec(PROFILE_INFO, "gauge", LABELS + PROFILE_INFO_LABELS,
@@ -168,6 +173,7 @@ _GAUGE_MODES = {
     KV_BLOCKS_HELD: "mostrecent",
     KV_BLOCKS_UNCOMPRESSED: "mostrecent",
     KV_BLOCK_BYTES: "mostrecent",
+    COLD_TIER_BYTES: "mostrecent",
     CONFIGURED_BUDGET: "mostrecent",
     PROFILE_INFO: "mostrecent",
 }
@@ -224,6 +230,7 @@ class HybridKVMetrics:
             self.blocks_held = f[KV_BLOCKS_HELD].labels(*base)
             self.blocks_uncompressed = f[KV_BLOCKS_UNCOMPRESSED].labels(*base)
             self.block_bytes = f[KV_BLOCK_BYTES].labels(*base)
+            self.cold_tier_bytes = f[COLD_TIER_BYTES].labels(*base)
             self.budget = f[CONFIGURED_BUDGET].labels(*base)
             self.tokens_kept = {h: f[TOKENS_KEPT].labels(*base, h) for h in HEAD_TYPES}
             self.tokens_uncompressed = {h: f[TOKENS_UNCOMPRESSED].labels(*base, h) for h in HEAD_TYPES}
@@ -361,12 +368,14 @@ def record_bypass(reason: str, requests: int = 1) -> None:
     child.inc(_nonneg(requests, "requests"))
 
 
-def set_blocks(held: int, uncompressed: int, block_bytes: int | None = None) -> None:
-    """Set the KV blocks held now by compressed requests and what they would hold uncompressed.
+def set_blocks(held: int, uncompressed: int, block_bytes: int | None = None, cold_tier_bytes: int = 0) -> None:
+    """Set the KV blocks held now by compressed requests and what they would hold uncompressed, and the bytes
+    their dynamic heads keep in the cold tier.
 
     ``block_bytes`` (bytes of one such block) only needs passing once; it lets dashboards show bytes saved.
     """
     m = get_metrics()
+    m.cold_tier_bytes.set(_nonneg(cold_tier_bytes, "cold_tier_bytes"))
     m.blocks_held.set(_nonneg(held, "blocks_held"))
     m.blocks_uncompressed.set(_nonneg(uncompressed, "blocks_uncompressed"))
     if block_bytes is not None:

@@ -8,7 +8,8 @@ expected shape) and version-checked against the vLLM range this plugin was built
    step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
    builds attention metadata, because metadata builders are never told which request a row belongs to.
    Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
-3. ``GPUModelRunner._update_states``: zeroes the blocks-held gauges once no request is left (see below).
+3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and resumed requests,
+   and zeroes the blocks-held gauges once no request is left (see below).
 """
 from __future__ import annotations
 
@@ -90,10 +91,12 @@ def patch_v1_runner_batch_context() -> None:
     _applied.add("v1_batch_context")
 
 
-def patch_v1_runner_idle_gauges() -> None:
-    """3. ``GPUModelRunner._update_states``: once the runner holds no request (the scheduler's last step only
-    tells it which requests finished), the blocks-held gauges drop to zero instead of keeping the last batch's."""
-    if "v1_idle_gauges" in _applied:
+def patch_v1_runner_request_release() -> None:
+    """3. ``GPUModelRunner._update_states``: releases the worker-side state (cold tier, stashed queries) of requests
+    the runner no longer holds (finished, aborted) and of preempted requests that resume (they recompute their
+    prompt, which is offloaded again), and once the runner holds no request zeroes the blocks-held gauges instead
+    of keeping the last batch's."""
+    if "v1_request_release" in _applied:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -103,16 +106,22 @@ def patch_v1_runner_idle_gauges() -> None:
     def _update_states(self, scheduler_output, *args, **kwargs):
         result = original(self, scheduler_output, *args, **kwargs)
         from hybridkv_vllm.adapter import runtime
-        if runtime._runtime is not None and self.input_batch.num_reqs == 0:
-            runtime._runtime.accounting.idle()
+        state = runtime._runtime
+        if state is not None:
+            # The runner's own request states are the truth: finished and aborted requests have left them
+            # (entries of an earlier engine in this process too); resumed ones recompute their prompt.
+            resumed = getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", None) or set()
+            state.release((state.held_request_ids() - set(self.requests)) | set(resumed))
+            if self.input_batch.num_reqs == 0:
+                state.accounting.idle()
         return result
 
     GPUModelRunner._update_states = _update_states
-    _applied.add("v1_idle_gauges")
+    _applied.add("v1_request_release")
 
 
 def apply_all(backend_path: str) -> None:
     _check_version()
     patch_cpu_backend_selection(backend_path)
     patch_v1_runner_batch_context()
-    patch_v1_runner_idle_gauges()
+    patch_v1_runner_request_release()

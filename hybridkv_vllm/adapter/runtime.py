@@ -13,6 +13,7 @@ import torch
 
 from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
+from hybridkv_vllm.adapter.cold_tier import ColdTier
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
 from hybridkv_vllm.adapter.tiers import TierPlan, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetPlan, allocate
@@ -61,12 +62,23 @@ class HybridKVRuntime:
     # (request id, layer name, kv head) -> {position: query [G, D]}: observation-window queries of prompt
     # chunks that ended before their prompt did (chunked prefill); consumed when the prompt completes.
     obs_stash: dict = field(default_factory=dict)
+    cold: ColdTier = field(default_factory=ColdTier)      # dynamic heads' prompt chunks (cold_tier.py)
 
     def publish(self, rows: list[RowContext]) -> None:
         """Start a step: its rows; stashed queries of requests no longer scheduled are dropped."""
         self.batch = BatchContext(rows)
         live = {row.req_id for row in rows}
         for key in [k for k in self.obs_stash if k[0] not in live]:
+            del self.obs_stash[key]
+
+    def held_request_ids(self) -> set[str]:
+        """Requests the worker holds state for (cold-tier entries, stashed observation queries)."""
+        return set(self.cold.entries) | {key[0] for key in self.obs_stash}
+
+    def release(self, req_ids: set[str]) -> None:
+        """Drop what the worker holds for these requests (finished, aborted, or resumed to be recomputed)."""
+        self.cold.drop(req_ids)
+        for key in [k for k in self.obs_stash if k[0] in req_ids]:
             del self.obs_stash[key]
 
 

@@ -2,15 +2,20 @@
 
 vLLM gives every KV-cache group one block table per request, shared by all layers of the group, and
 requires every group to hold the same number of layers (or it pads). HybridKV budgets are per KV head, so
-each KV head becomes a one-head *virtual layer* and heads with the same budget rule share a group:
+each KV head becomes a one-head *virtual layer* and heads with the same budget rule share a group (a *tier*).
 
-* ``full`` tiers hold the dynamic heads (full KV stays in the pool; each decode step retrieves top-k chunks)
-  plus, if needed to fill the tier, the static heads with the largest budgets, *promoted* to keep everything.
-* ``budget`` tiers hold static heads, sorted by budget fraction; a tier's fraction is its largest member's.
+Every tier is a budget tier: once a request's prompt is processed it keeps blocks ``[0, kept)`` plus the tail
+(the prompt's partial block and the generated tokens) and returns ``[kept, P // bs)`` to vLLM's pool. What a
+head does with its ``kept`` blocks depends on its type (``modes``):
 
-Promotion only: no head ever keeps less than the allocator gave it. The group size ``g`` (heads per tier)
-divides ``L * H`` so vLLM adds no padding layers; among the divisors that give at most ``max_groups``
-groups, the one that keeps the fewest extra tokens wins (ties: fewer groups).
+* ``pruned`` (static head): the text-prior selection of the prompt, compacted into them once;
+* ``retrieve`` (dynamic head): a hot buffer; the prompt's complete chunks live in the cold tier
+  (cold_tier.py) and every decode step brings the top-k chunks for the current query into the buffer.
+
+Heads are sorted by budget fraction and cut into tiers of ``g`` heads; a tier's fraction is its largest
+member's (promotion only: no head ever keeps less than the allocator gave it). ``g`` divides ``L * H`` so
+vLLM adds no padding layers; among the divisors that give at most ``max_groups`` groups, the one that keeps
+the fewest extra tokens wins (ties: fewer groups).
 """
 from __future__ import annotations
 
@@ -21,13 +26,9 @@ import torch
 
 from hybridkv_vllm.core.budgets import BudgetPlan
 
-FULL = "full"
-BUDGET = "budget"
-
 # What one KV head does at decode.
-RETRIEVE = "retrieve"   # dynamic head: top-k chunks of the full KV
-DENSE = "dense"         # promoted static head: all of its KV
-PRUNED = "pruned"       # static head: the kept prompt tokens + tail + generated tokens
+RETRIEVE = "retrieve"   # dynamic head: top-k cold prompt chunks in a hot buffer + the hot tail
+PRUNED = "pruned"       # static head: the kept prompt tokens + the hot tail
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class Tier:
     """One KV-cache group's worth of heads with one budget rule."""
 
     index: int
-    kind: str                               # FULL or BUDGET
-    fraction: float                         # BUDGET: kept share of the prompt; FULL: 1.0
+    fraction: float                         # kept share of the prompt (the largest member's)
     heads: tuple[tuple[int, int], ...]      # (layer, kv_head)
 
 
@@ -44,76 +44,60 @@ class Tier:
 class TierPlan:
     tiers: tuple[Tier, ...]
     group_size: int
-    modes: tuple[tuple[str, ...], ...]      # [L][H]: RETRIEVE / DENSE / PRUNED
+    modes: tuple[tuple[str, ...], ...]      # [L][H]: RETRIEVE / PRUNED
     tier_of: tuple[tuple[int, ...], ...]    # [L][H]: tier index
 
     def tier(self, layer: int, head: int) -> Tier:
         return self.tiers[self.tier_of[layer][head]]
 
     def effective_fractions(self, plan: BudgetPlan) -> torch.Tensor:
-        """``float64 [L, H]``: the fraction each head really gets (budget tiers: the tier's; others: the plan's)."""
+        """``float64 [L, H]``: the fraction each head really gets (its tier's)."""
         out = plan.fractions.clone()
         for tier in self.tiers:
-            if tier.kind == BUDGET:
-                for layer, head in tier.heads:
-                    out[layer, head] = tier.fraction
+            for layer, head in tier.heads:
+                out[layer, head] = tier.fraction
         return out
 
     def summary(self) -> str:
-        kinds = [f"{t.kind}({t.fraction:.3f})" if t.kind == BUDGET else t.kind for t in self.tiers]
-        return f"{len(self.tiers)} tiers of {self.group_size} heads: " + ", ".join(kinds)
+        return f"{len(self.tiers)} tiers of {self.group_size} heads: " + \
+            ", ".join(f"{t.fraction:.3f}" for t in self.tiers)
 
 
 def _candidate_group_sizes(num_heads: int, max_groups: int) -> list[int]:
-    return [g for g in range(1, num_heads + 1) if num_heads % g == 0 and num_heads // g <= max_groups]
+    return [g for g in range(num_heads, 0, -1) if num_heads % g == 0 and num_heads // g <= max_groups]
 
 
-def _plan_for_group_size(fractions: list[tuple[float, int, int]], dynamic: list[tuple[int, int]], g: int):
-    """Returns (extra kept share, tiers, modes) for group size ``g``; ``fractions`` sorted descending."""
-    full_count = math.ceil(len(dynamic) / g) * g
-    promoted = fractions[: full_count - len(dynamic)]
-    rest = fractions[full_count - len(dynamic):]
-    cost = sum(max(0.0, 1.0 - f) for f, _, _ in promoted)
-    tiers, modes = [], {}
-    full_heads = list(dynamic) + [(l, h) for _, l, h in promoted]
-    for start in range(0, len(full_heads), g):
-        tiers.append((FULL, 1.0, tuple(full_heads[start:start + g])))
-    for l, h in dynamic:
-        modes[(l, h)] = RETRIEVE
-    for _, l, h in promoted:
-        modes[(l, h)] = DENSE
-    for start in range(0, len(rest), g):
-        chunk = rest[start:start + g]
+def _tiers_for_group_size(heads: list[tuple[float, int, int]], g: int):
+    """(extra kept share, [(fraction, heads)]) for group size ``g``; ``heads`` sorted by fraction, descending."""
+    cost, tiers = 0.0, []
+    for start in range(0, len(heads), g):
+        chunk = heads[start:start + g]
         top = chunk[0][0]
         cost += sum(top - f for f, _, _ in chunk)
-        tiers.append((BUDGET, top, tuple((l, h) for _, l, h in chunk)))
-        for _, l, h in chunk:
-            modes[(l, h)] = PRUNED
-    return cost, tiers, modes
+        tiers.append((top, tuple((l, h) for _, l, h in chunk)))
+    return cost, tiers
 
 
 def plan_tiers(plan: BudgetPlan, max_groups: int = 16) -> TierPlan:
     """Group the heads of ``plan`` into balanced tiers (see module docstring)."""
     num_layers, num_kv_heads = plan.fractions.shape
     num_heads = num_layers * num_kv_heads
-    static = [(float(plan.fractions[l, h]), l, h) for l in range(num_layers) for h in range(num_kv_heads)
-              if bool(plan.is_static[l, h])]
-    static.sort(key=lambda x: (-x[0], x[1], x[2]))
-    dynamic = [(l, h) for l in range(num_layers) for h in range(num_kv_heads) if not bool(plan.is_static[l, h])]
+    heads = sorted(((float(plan.fractions[l, h]), l, h) for l in range(num_layers) for h in range(num_kv_heads)),
+                   key=lambda x: (-x[0], x[1], x[2]))
     best = None
     for g in _candidate_group_sizes(num_heads, max_groups):
-        cost, tiers, modes = _plan_for_group_size(static, dynamic, g)
+        cost, raw = _tiers_for_group_size(heads, g)
         if best is None or cost < best[0] - 1e-12:
-            best = (cost, g, tiers, modes)
-    _, g, raw_tiers, modes = best
-    tiers = tuple(Tier(i, kind, frac, heads) for i, (kind, frac, heads) in enumerate(raw_tiers))
+            best = (cost, g, raw)
+    _, g, raw = best
+    tiers = tuple(Tier(i, fraction, members) for i, (fraction, members) in enumerate(raw))
     tier_of = [[-1] * num_kv_heads for _ in range(num_layers)]
     for tier in tiers:
         for l, h in tier.heads:
             tier_of[l][h] = tier.index
-    return TierPlan(tiers=tiers, group_size=g,
-                    modes=tuple(tuple(modes[(l, h)] for h in range(num_kv_heads)) for l in range(num_layers)),
-                    tier_of=tuple(tuple(row) for row in tier_of))
+    modes = tuple(tuple(PRUNED if bool(plan.is_static[l, h]) else RETRIEVE for h in range(num_kv_heads))
+                  for l in range(num_layers))
+    return TierPlan(tiers=tiers, group_size=g, modes=modes, tier_of=tuple(tuple(row) for row in tier_of))
 
 
 def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks: int,
@@ -140,9 +124,9 @@ def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_promp
 class TieredPolicy:
     """The core reference policy that the vLLM backend implements for one tier plan (the oracle of the tests).
 
-    Per KV head: ``pruned`` heads are static with their *tier's* budget, ``retrieve`` heads dynamic with the
-    allocator's budget, ``dense`` heads (promoted) full; a prompt the backend does not compress (shorter than
-    ``min_prompt_tokens``, or no block to free) is full in every head. Implements ``core.policy.Policy``.
+    Per KV head, with its *tier's* budget: ``pruned`` heads are static, ``retrieve`` heads dynamic; a head whose
+    tier frees nothing for this prompt, and every head of a prompt the backend does not compress (shorter than
+    ``min_prompt_tokens``, or no block to free at the floor), is full. Implements ``core.policy.Policy``.
     """
 
     def __init__(self, profile, budget_plan: BudgetPlan, tiers: TierPlan, selection, min_prompt_tokens: int):
@@ -151,8 +135,7 @@ class TieredPolicy:
 
     def _head_tokens(self, layer: int, head: int, prompt_len: int) -> int | None:
         cfg = self.plan.cfg
-        tier = self.tiers.tier(layer, head)
-        fraction = tier.fraction if tier.kind == BUDGET else float(self.plan.fractions[layer, head])
+        fraction = self.tiers.tier(layer, head).fraction
         blocks = kept_blocks(prompt_len, fraction, cfg.block_size, cfg.floor_blocks, 0)
         return None if blocks is None else blocks * cfg.block_size
 
@@ -169,7 +152,7 @@ class TieredPolicy:
         kinds, budgets = [], []
         for head, mode in enumerate(self.tiers.modes[layer]):
             tokens = self._head_tokens(layer, head, prompt_len)
-            if not compressed or mode == DENSE or tokens is None:
+            if not compressed or tokens is None:
                 kinds.append(HeadKind.FULL)
                 budgets.append(prompt_len)
             else:

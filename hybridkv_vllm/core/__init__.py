@@ -10,7 +10,7 @@ from hybridkv_vllm.core.policy import (FullPolicy, HeadKind, HybridKVPolicy, Lay
                                        SnapKVPolicy, StreamingPolicy, make_policy)
 from hybridkv_vllm.core.profile import ClassificationParams, HeadEntry, HeadProfile, ModelIdentity
 from hybridkv_vllm.core.reference import CompressedLayerCache, dense_attention, sparse_decode_attention
-from hybridkv_vllm.core.selection import (SelectionConfig, chunk_summaries, dynamic_chunk_budget, score_chunks,
+from hybridkv_vllm.core.selection import (SelectionConfig, chunk_summaries, retrieval_chunks, score_chunks,
                                           select_chunks, select_static, text_prior_scores)
 from hybridkv_vllm.core.sparsity import SparsityAccumulator, mass_concentration, query_positions
 
@@ -21,6 +21,6 @@ __all__ = [
     "make_policy",
     "ClassificationParams", "HeadEntry", "HeadProfile", "ModelIdentity",
     "CompressedLayerCache", "dense_attention", "sparse_decode_attention",
-    "SelectionConfig", "chunk_summaries", "dynamic_chunk_budget", "score_chunks", "select_chunks", "select_static", "text_prior_scores",
+    "SelectionConfig", "chunk_summaries", "retrieval_chunks", "score_chunks", "select_chunks", "select_static", "text_prior_scores",
     "SparsityAccumulator", "mass_concentration", "query_positions",
 ]

@@ -5,15 +5,19 @@
 - :class:`CompressedLayerCache`: one layer of one sequence (batch 1) under a policy's :class:`LayerRules`:
   dense prefill, pruning of static heads at prompt end, per-step chunk retrieval for dynamic heads.
 
+Dynamic heads model the paper's cold tier: when the prompt completes, its complete chunks (``[0, P_aligned)``)
+move to the cold tier and are summarised once; every decode step the query scores them and the top
+:func:`~selection.retrieval_chunks` are brought into a budget-sized hot buffer. The prompt's tail block and the
+generated tokens stay hot (uncounted, as for static heads).
+
 Layout here is token-major (``k [S, H, D]``), as HF/vLLM hand K/V over; :mod:`selection` is head-major.
 
 Choices (where DESIGN §4-5 are silent)
 --------------------------------------
 - A decode step first appends the new token's K/V, then its query attends (so it sees itself).
-- Dynamic heads: the budget counts prompt chunks only, like static heads (whose tail block and generated tokens
-  are kept uncounted). A step with context ``S`` selects :func:`~selection.dynamic_chunk_budget` =
-  ``budget // chunk + (ceil(S / chunk) - P // chunk)`` chunks out of ``ceil(S / chunk)``. Hence at a 100 % budget
-  every head attends to the whole context; the newest chunk is always among the ``recent_chunks``.
+- Dynamic heads: the budget counts prompt chunks only, like static heads. A step selects
+  :func:`~selection.retrieval_chunks` = ``budget // chunk`` of the ``P // chunk`` complete prompt chunks and
+  attends to them plus ``[P_aligned, S)``. Hence at a 100 % budget every head attends to the whole context.
 - The cache stores the full K/V (it is an oracle); eviction is expressed by the kept index sets.
 """
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 
 from hybridkv_vllm.core.errors import ConfigError
 from hybridkv_vllm.core.policy import HeadKind, LayerRules, PromptView
-from hybridkv_vllm.core.selection import (SelectionConfig, chunk_summaries, dynamic_chunk_budget, num_chunks,
-                                          score_chunks, select_chunks, text_prior_scores)
+from hybridkv_vllm.core.selection import (SelectionConfig, chunk_summaries, retrieval_chunks, score_chunks,
+                                          select_chunks, text_prior_scores)
 
 
 def _group(q_heads: int, kv_heads: int) -> int:
@@ -127,6 +131,7 @@ class CompressedLayerCache:
         self.v: torch.Tensor | None = None
         self.prompt_len = 0
         self.static_kept: list[torch.Tensor | None] = []
+        self.summaries: tuple[torch.Tensor, torch.Tensor] | None = None    # cold prompt chunks: kmin, kmax [H, C, D]
 
     # ---- state
     @property
@@ -167,6 +172,7 @@ class CompressedLayerCache:
             if kind is HeadKind.STATIC else None
             for head, kind in enumerate(self.rules.kinds)
         ]
+        self.summaries = chunk_summaries(k[:self.prompt_aligned].permute(1, 0, 2), self.cfg.chunk_size)
 
     def _obs_scores(self, q_obs: torch.Tensor | None, q_obs_pos: torch.Tensor | None) -> torch.Tensor | None:
         if q_obs is None:
@@ -208,20 +214,17 @@ class CompressedLayerCache:
             else:
                 starts = chunks[head] * cs
                 tok = (starts[:, None] + torch.arange(cs)[None, :]).flatten()
-                out.append(tok[tok < s])
+                out.append(torch.cat([tok, tail]))
         return out
 
     def _dynamic_chunks(self, q: torch.Tensor, heads: list[int]) -> dict[int, torch.Tensor]:
-        k = self._require_kv()[0]
-        cs = self.cfg.chunk_size
-        c = num_chunks(self.length, cs)
-        kmin, kmax = chunk_summaries(k.permute(1, 0, 2), cs)                  # [H, C, D]
+        """Cold prompt chunks each dynamic head retrieves for query ``q [Hq, D]``."""
+        kmin, kmax = self.summaries
+        c, cs = int(kmin.shape[1]), self.cfg.chunk_size
         scores = score_chunks(q, kmin, kmax)                                   # [H, C]
-        out = {}
-        for h in heads:
-            k_step = dynamic_chunk_budget(int(self.rules.budgets[h]), self.prompt_len, self.length, cs)
-            out[h] = select_chunks(scores[h:h + 1], c, k_step, self.cfg)[0]
-        return out
+        return {h: select_chunks(scores[h:h + 1], c,
+                                 retrieval_chunks(int(self.rules.budgets[h]), self.prompt_len, cs), self.cfg)[0]
+                for h in heads}
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         """Decode attention ``[Hq, D] -> [Hq, D]`` over the kept positions at the current length."""

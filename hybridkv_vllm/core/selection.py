@@ -1,8 +1,8 @@
 """Token selection: text-prior pruning of static heads, chunk retrieval of dynamic heads (DESIGN §4).
 
 Static heads are pruned once, when the prompt completes: sinks, the recent window, then text tokens by score,
-then visual tokens by score (:func:`select_static`). Dynamic heads keep everything and, every decode step, attend
-to the chunks whose Quest upper bound is highest (:func:`chunk_summaries`, :func:`score_chunks`,
+then visual tokens by score (:func:`select_static`). Dynamic heads keep the prompt in a cold tier and, every decode
+step, attend to the prompt chunks whose Quest upper bound is highest (:func:`chunk_summaries`, :func:`score_chunks`,
 :func:`select_chunks`). All math is fp32; ties go to the lower index (stable sort on ``(-score, index)``).
 
 Layout: this module is head-major (``k [H, P, D]``), as in DESIGN §4; :mod:`reference` converts from ``[S, H, D]``.
@@ -15,9 +15,10 @@ Choices (where DESIGN §4 is silent)
 - Max pooling pads with ``-inf`` (``pool_kernel // 2`` left, the rest right), so any kernel keeps the length.
 - ``select_chunks(scores, num_chunks, k)``: ``num_chunks`` is the number of valid chunks (columns of ``scores``
   past it are ignored, so callers may pass padded score tables).
-- A dynamic head selects :func:`dynamic_chunk_budget` chunks per step: its budget in chunks plus the chunks past
-  ``P // chunk`` (tail block + generated tokens, uncounted as for static heads). DESIGN §4 says
-  ``k = tokens_for(P) / chunk``; taken literally a 100 % budget would not attend densely once decoding starts.
+- Dynamic heads retrieve among the prompt's complete chunks only (``P // chunk`` of them, summarised once when
+  the prompt completes: that is what moves to the cold tier), :func:`retrieval_chunks` of them per step; the
+  tail block and the generated tokens stay hot, uncounted, as for static heads. So ``recent_chunks`` are the
+  prompt's last complete chunks (where the instruction usually is), and ``k = tokens_for(P) / chunk``.
 - Chunk scores ignore the softmax scale (a positive factor does not change the ranking).
 """
 from __future__ import annotations
@@ -204,18 +205,18 @@ def score_chunks(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> tor
     return bound.sum(dim=1)
 
 
-def dynamic_chunk_budget(budget_tokens: int, prompt_len: int, context_len: int, chunk_size: int) -> int:
-    """Chunks a dynamic head selects at a decode step with ``context_len`` tokens [choice].
+def retrieval_chunks(budget_tokens: int, prompt_len: int, chunk_size: int) -> int:
+    """Prompt chunks a dynamic head retrieves into its hot buffer at a decode step [choice].
 
-    ``budget_tokens // chunk_size`` (the head's :meth:`BudgetPlan.tokens_for` budget, prompt chunks only) plus
-    every chunk that is not a full prompt chunk, ``ceil(context_len / chunk_size) - prompt_len // chunk_size``:
-    like a static head, whose tail block and generated tokens are kept uncounted. At a 100 % budget this is every
-    chunk, so the head attends densely (DESIGN §5).
+    ``min(budget_tokens // chunk_size, prompt_len // chunk_size)``: the head's :meth:`BudgetPlan.tokens_for`
+    budget in whole chunks, out of the prompt's complete chunks. Everything from ``P_aligned`` on (the prompt's
+    tail block and the generated tokens) stays hot uncounted, as for a static head, so at a 100 % budget every
+    prompt chunk is retrieved and the head attends densely (DESIGN §5).
     """
-    if min(budget_tokens, prompt_len, chunk_size - 1) < 0 or context_len < prompt_len:
-        raise ConfigError(f"budget_tokens={budget_tokens}, prompt_len={prompt_len}, context_len={context_len}, "
-                          f"chunk_size={chunk_size}: expected non-negative, context_len >= prompt_len, chunk >= 1")
-    return budget_tokens // chunk_size + num_chunks(context_len, chunk_size) - prompt_len // chunk_size
+    if min(budget_tokens, prompt_len) < 0 or chunk_size < 1:
+        raise ConfigError(f"budget_tokens={budget_tokens}, prompt_len={prompt_len}, chunk_size={chunk_size}: "
+                          "expected budget_tokens, prompt_len >= 0 and chunk_size >= 1")
+    return min(budget_tokens // chunk_size, prompt_len // chunk_size)
 
 
 def select_chunks(scores: torch.Tensor, num_chunks: int, k: int,

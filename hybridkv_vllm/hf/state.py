@@ -7,7 +7,8 @@ The state is the :class:`~hybridkv_vllm.hf.attention.AttentionHandler` of one se
   :class:`LayerRules` for this prompt length and ``prefill``-ed with the prompt K/V, the visual mask and the last
   ``obs_window`` prompt queries, which prunes the static heads (text-prior selection);
 - **decode** (every later forward, one query per new token): ``CompressedLayerCache.decode``: static heads attend
-  to their kept set + tail block + generated tokens, dynamic heads to their top-k chunks, FULL heads to everything.
+  to their kept set + tail block + generated tokens, dynamic heads to their top-k prompt chunks + the same tail,
+  FULL heads to everything.
 
 HF's cache keeps the full K/V (it is the model's own cache); what each head *attends to* is decided here, so this
 is the oracle, not a memory saver. :meth:`HybridKVState.fork` starts another policy from the same prompt without a
@@ -21,7 +22,6 @@ import torch
 
 from hybridkv_vllm.core.policy import Policy
 from hybridkv_vllm.core.reference import CompressedLayerCache
-from hybridkv_vllm.core.selection import chunk_summaries, num_chunks, score_chunks, select_chunks
 from hybridkv_vllm.hf.attention import HFIntegrationError
 from hybridkv_vllm.hf.dense import dense_causal
 
@@ -29,46 +29,11 @@ __all__ = ["HFLayerCache", "HybridKVState", "PromptLayer"]
 
 
 class HFLayerCache(CompressedLayerCache):
-    """:class:`CompressedLayerCache` that reads HF's cached K/V instead of keeping a copy, with chunk summaries
-    computed once per complete chunk instead of over the whole context every step (a complete chunk's keys never
-    change, so the selections are identical; ``tests/hf`` checks ``kept`` against the core class).
-    """
-
-    def __init__(self, rules, scale: float) -> None:
-        super().__init__(rules, scale)
-        self._kmin: torch.Tensor | None = None          # [H, C_done, D] summaries of complete chunks
-        self._kmax: torch.Tensor | None = None
+    """:class:`CompressedLayerCache` that reads HF's cached K/V instead of keeping a copy of it."""
 
     def sync(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Point at the layer's current K/V ``[S, H, D]`` (HF appended the new token already)."""
         self.k, self.v = k, v
-
-    def _summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self._require_kv()[0]
-        cs = self.cfg.chunk_size
-        done = 0 if self._kmin is None else int(self._kmin.shape[1])
-        full = self.length // cs
-        if full > done:                                   # summarise newly completed chunks once
-            lo, hi = chunk_summaries(k[done * cs:full * cs].permute(1, 0, 2), cs)
-            self._kmin = lo if self._kmin is None else torch.cat([self._kmin, lo], dim=1)
-            self._kmax = hi if self._kmax is None else torch.cat([self._kmax, hi], dim=1)
-            done = full
-        kmin, kmax = self._kmin, self._kmax
-        if self.length > done * cs:                       # the partial newest chunk, recomputed every step
-            lo, hi = chunk_summaries(k[done * cs:].permute(1, 0, 2), cs)
-            kmin = lo if kmin is None else torch.cat([kmin, lo], dim=1)
-            kmax = hi if kmax is None else torch.cat([kmax, hi], dim=1)
-        return kmin, kmax
-
-    def _dynamic_chunks(self, q: torch.Tensor, heads: list[int]) -> dict[int, torch.Tensor]:
-        # same rule as CompressedLayerCache._dynamic_chunks (k = budget chunks + chunks past the prompt)
-        cs = self.cfg.chunk_size
-        c = num_chunks(self.length, cs)
-        extra = c - self.prompt_len // cs
-        kmin, kmax = self._summaries()
-        scores = score_chunks(q, kmin, kmax)
-        return {h: select_chunks(scores[h:h + 1], c, int(self.rules.budgets[h]) // cs + extra, self.cfg)[0]
-                for h in heads}
 
 
 @dataclass(frozen=True)

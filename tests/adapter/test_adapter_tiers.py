@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv_vllm.adapter.tiers import BUDGET, DENSE, FULL, PRUNED, RETRIEVE, kept_blocks, plan_tiers
+from hybridkv_vllm.adapter.tiers import PRUNED, RETRIEVE, kept_blocks, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 
@@ -42,15 +42,10 @@ def test_tiers_are_balanced_and_only_promote(table):
     assert (L * H) % tiers.group_size == 0 and len(tiers.tiers) <= max(max_groups, 1) or tiers.group_size == L * H
     effective = tiers.effective_fractions(plan)
     for tier in tiers.tiers:
+        assert tier.fraction == max(float(plan.fractions[a, b]) for a, b in tier.heads)
         for l, h in tier.heads:
-            mode = tiers.modes[l][h]
-            if not bool(is_static[l, h]):
-                assert tier.kind == FULL and mode == RETRIEVE          # dynamic heads keep their full KV
-            elif tier.kind == FULL:
-                assert mode == DENSE                                   # promoted: keeps everything
-            else:
-                assert mode == PRUNED and effective[l, h] >= plan.fractions[l, h]   # never less than allocated
-                assert tier.fraction == max(float(plan.fractions[a, b]) for a, b in tier.heads)
+            assert tiers.modes[l][h] == (PRUNED if bool(is_static[l, h]) else RETRIEVE)
+            assert effective[l, h] == tier.fraction >= plan.fractions[l, h]        # never less than allocated
 
 
 @settings(max_examples=200, deadline=None)

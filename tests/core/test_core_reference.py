@@ -120,13 +120,12 @@ def test_hybridkv_low_budget_sets(make_profile, make_identity):
     text = [i for i in range(p_al) if not is_visual[i]]
     if b_static >= len(text):
         assert set(text) <= set(sel.tolist())
-    # dynamic: whole chunks, sink chunk + newest chunk, budget chunks + the uncounted tail/decode chunks
-    chunks = sorted({int(i) // cs for i in dynamic})
-    n_chunks = -(-S // cs)
-    assert chunks[0] == 0 and chunks[-1] == n_chunks - 1
-    assert len(chunks) == b_dyn // cs + n_chunks - P // cs
-    for c in chunks:
-        assert set(range(c * cs, min(S, (c + 1) * cs))) <= set(dynamic.tolist())
+    # dynamic: budget whole prompt chunks (sink chunk + last complete prompt chunk + top scores) + the hot tail
+    prompt_part = dynamic[dynamic < p_al]
+    assert torch.equal(dynamic[len(prompt_part):], torch.arange(p_al, S))
+    chunks = sorted({int(i) // cs for i in prompt_part})
+    assert chunks[0] == 0 and chunks[-1] == P // cs - 1 and len(chunks) == b_dyn // cs
+    assert len(prompt_part) == len(chunks) * cs
     assert torch.isfinite(out).all()
 
 

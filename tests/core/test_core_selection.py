@@ -187,14 +187,12 @@ def test_selection_config_errors():
         SelectionConfig(sink_tokens=-1)
 
 
-def test_dynamic_chunk_budget():
-    from hybridkv_vllm.core.selection import dynamic_chunk_budget
+def test_retrieval_chunks():
+    from hybridkv_vllm.core.selection import retrieval_chunks
 
-    # P = 40 (2 full chunks + tail), budget 1 chunk, context 40 -> 1 + (3 - 2) = 2
-    assert dynamic_chunk_budget(16, 40, 40, 16) == 2
-    # 100 %: budget = P_aligned -> every chunk, at any context length
-    for s in (40, 48, 49, 100):
-        assert dynamic_chunk_budget(32, 40, s, 16) == -(-s // 16)
-    assert dynamic_chunk_budget(0, 5, 6, 16) == 1
+    # P = 40 (2 complete chunks + tail): budget 1 chunk -> 1; a budget past the prompt is capped at its chunks
+    assert retrieval_chunks(16, 40, 16) == 1
+    assert retrieval_chunks(32, 40, 16) == retrieval_chunks(64, 40, 16) == 2
+    assert retrieval_chunks(0, 5, 16) == 0 and retrieval_chunks(31, 40, 16) == 1
     with pytest.raises(ConfigError):
-        dynamic_chunk_budget(16, 40, 39, 16)
+        retrieval_chunks(-16, 40, 16)

@@ -10,7 +10,7 @@ from vllm.inputs import TokensPrompt
 from engine_utils import HAYSTACK, make_llm, run_to_completion, scheduler_of
 
 pytestmark = pytest.mark.engine
-BUDGET, CHUNK, NEW_TOKENS = 0.1, 256, 200
+BUDGET, CHUNK, NEW_TOKENS = 0.3, 256, 200
 
 
 def _prompts(tokenizer) -> dict[str, list[int]]:
@@ -38,7 +38,7 @@ def test_chunked_prefill_and_preemption_match_uninterrupted_run(model_dir, profi
     # Chunks of 256 tokens and a pool too small for all three requests at once: requests are prefilled in
     # chunks, and running ones are preempted (recomputed later) when decode needs blocks.
     squeezed = make_llm(model_dir, config, enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
-                        num_gpu_blocks_override=520, max_num_seqs=3, max_model_len=1024)
+                        num_gpu_blocks_override=470, max_num_seqs=3, max_model_len=992)
     scheduler = scheduler_of(squeezed)
     preempted, chunked = set(), set()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from hybridkv_vllm.adapter import runtime
 from hybridkv_vllm.adapter.tiers import plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
@@ -99,12 +100,19 @@ def test_aborts_and_mixed_batch_return_every_block(hybrid_llm):
         if step == 4:
             engine.abort_request(["abort1", "abort2"])
 
-    outputs = run_to_completion(llm, on_step=abort)
+    cold = runtime.get_runtime(llm.llm_engine.vllm_config).cold
+    held_cold = []
+    outputs = run_to_completion(llm, on_step=lambda step: (abort(step), held_cold.append(len(cold))))
     assert set(outputs) >= {"long1", "short", "long2"}
     assert outputs["long1"].outputs[0].token_ids == alone["long1"]
     assert outputs["short"].outputs[0].token_ids == alone["short"]
     assert free_blocks(llm) == free_at_start
     assert not scheduler_of(llm).requests
+    # The cold tier held the long requests' dynamic heads while they ran and let go of every one of them when
+    # vLLM told the worker they ended (the step after the last one, as for the worker's own request states).
+    assert max(held_cold) >= 2
+    engine.step()
+    assert len(cold) == 0 and cold.nbytes == 0
 
 
 def _max_concurrency(llm, prompts, max_tokens: int) -> tuple[int, dict]:

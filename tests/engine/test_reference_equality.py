@@ -7,6 +7,7 @@ import gc
 import pytest
 from vllm import SamplingParams
 
+from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.tiers import TieredPolicy, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
@@ -55,6 +56,7 @@ def test_greedy_tokens_equal_core_reference(model_dir, profile_path):
     expected = _oracle(model_dir, profile, cases)
     llm = make_llm(model_dir, {"profile": str(profile), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT})
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    loads_before = metrics.get_metrics().chunk_loads._value.get()
     try:
         for name, text, images in cases:
             content = [{"type": "image_pil", "image_pil": im} for im in images] + [{"type": "text", "text": text}]
@@ -62,6 +64,8 @@ def test_greedy_tokens_equal_core_reference(model_dir, profile_path):
             ids, tokens = expected[name]
             assert got.prompt_token_ids == ids, f"{name}: vLLM and transformers tokenised differently"
             assert list(got.outputs[0].token_ids) == tokens, f"{name}: greedy tokens differ"
+        # The dynamic heads really read from the cold tier: chunks were swapped into their hot buffers.
+        assert metrics.get_metrics().chunk_loads._value.get() > loads_before
     finally:
         del llm
         gc.collect()

@@ -1,4 +1,4 @@
-"""HFLayerCache (reads HF's K/V, incremental chunk summaries) selects exactly what core's CompressedLayerCache does."""
+"""HFLayerCache (reads HF's K/V in place of a copy) selects and attends exactly as core's CompressedLayerCache does."""
 import pytest
 import torch
 
