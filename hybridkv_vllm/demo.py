@@ -116,7 +116,10 @@ def report(answer: str, sample: dict[str, float], usage) -> None:
     if full:
         print(f"HybridKV holds     {held:8.0f} blocks = {held * block / 2**20:7.2f} MiB")
         print(f"stock vLLM holds   {full:8.0f} blocks = {full * block / 2**20:7.2f} MiB (same tokens, no compression)")
-        print(f"ratio              {held / full:8.3f}   (saved {(full - held) * block / 2**20:.2f} MiB)")
+        print(f"ratio              {held / full:8.3f}   (saved {(full - held) * block / 2**20:.2f} MiB of the pool)")
+        cold = sample.get("hybridkv:cold_tier_bytes", 0.0)
+        print(f"cold tier          {cold / 2**20:8.2f} MiB of dynamic-head prompt KV outside the pool "
+              "(host memory on GPU machines)")
     elif "hybridkv:kv_blocks_held" not in sample:
         print("no hybridkv metrics on /metrics (is PROMETHEUS_MULTIPROC_DIR set for the server?)")
     else:

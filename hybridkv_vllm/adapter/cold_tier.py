@@ -12,7 +12,7 @@ On vLLM's CPU build the cold tier is ordinary host memory, so the pool admits mo
 holds the cold copies beside it; on a GPU the same entries are what host memory holds while HBM keeps only the
 hot buffers. Chunks are stored as raw blocks in the attention kernel's own layout, so a swap-in is a plain
 block copy. Entries live from the step that completes a prompt until the request finishes, is aborted or is
-resumed after preemption (its prompt is then recomputed and offloaded again); ``patches.py`` drops them.
+preempted (it recomputes its prompt, which is offloaded again, when it resumes); ``patches.py`` drops them.
 """
 from __future__ import annotations
 

@@ -93,8 +93,8 @@ def patch_v1_runner_batch_context() -> None:
 
 def patch_v1_runner_request_release() -> None:
     """3. ``GPUModelRunner._update_states``: releases the worker-side state (cold tier, stashed queries) of requests
-    the runner no longer holds (finished, aborted) and of preempted requests that resume (they recompute their
-    prompt, which is offloaded again), and once the runner holds no request zeroes the blocks-held gauges instead
+    the runner no longer holds (finished, aborted) and of preempted requests (they recompute their prompt, which
+    is offloaded again, when they resume), and once the runner holds no request zeroes the blocks-held gauges instead
     of keeping the last batch's."""
     if "v1_request_release" in _applied:
         return
@@ -109,9 +109,11 @@ def patch_v1_runner_request_release() -> None:
         state = runtime._runtime
         if state is not None:
             # The runner's own request states are the truth: finished and aborted requests have left them
-            # (entries of an earlier engine in this process too); resumed ones recompute their prompt.
+            # (entries of an earlier engine in this process too). Preempted requests lost their blocks and will
+            # recompute (and offload again) their prompt when they resume.
+            preempted = getattr(scheduler_output, "preempted_req_ids", None) or set()
             resumed = getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", None) or set()
-            state.release((state.held_request_ids() - set(self.requests)) | set(resumed))
+            state.release((state.held_request_ids() - set(self.requests)) | set(preempted) | set(resumed))
             if self.input_batch.num_reqs == 0:
                 state.accounting.idle()
         return result

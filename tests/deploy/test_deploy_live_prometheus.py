@@ -365,6 +365,9 @@ def test_plugin_metrics_moved(live):
     # Retrieval on the dynamic heads during the long request's decode.
     assert one(f"sum(hybridkv:retrieval_chunks_scored_total{sel})") > 0
     assert one(f"sum(hybridkv:retrieval_chunk_loads_total{sel})") > 0
+    assert one(f"sum(hybridkv:retrieval_swap_in_bytes_total{sel})") > 0
+    # The dynamic heads' prompts sat in the cold tier while requests ran.
+    assert one(f"max_over_time(sum(hybridkv:cold_tier_bytes{sel})[5m:1s])") > 0
     # vLLM's own view agrees: requests ran, KV usage was non-zero.
     assert one(f"max_over_time(sum(vllm:kv_cache_usage_perc{sel})[5m:1s])") > 0
     assert one(f"sum(vllm:request_success_total{sel})") >= 3
@@ -374,9 +377,11 @@ def test_plugin_metrics_moved(live):
 
 
 def test_block_gauges_return_to_zero_when_idle(live):
-    """Once the last request has finished, the gauges say nothing is held (not the last batch's figures)."""
+    """Once the last request has finished, the gauges say nothing is held (not the last batch's figures), in the
+    pool or in the cold tier."""
     after = live["after"]
     assert after["hybridkv:kv_blocks_held"] == 0 and after["hybridkv:kv_blocks_uncompressed"] == 0, after
+    assert after["hybridkv:cold_tier_bytes"] == 0, after                  # every cold entry was released
 
 
 def test_rules_load_and_evaluate(live):

@@ -6,6 +6,9 @@ import gc
 import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
+from vllm.v1.request import RequestStatus
+
+from hybridkv_vllm.adapter import runtime
 
 from engine_utils import HAYSTACK, make_llm, run_to_completion, scheduler_of
 
@@ -40,12 +43,15 @@ def test_chunked_prefill_and_preemption_match_uninterrupted_run(model_dir, profi
     squeezed = make_llm(model_dir, config, enable_chunked_prefill=True, max_num_batched_tokens=CHUNK,
                         num_gpu_blocks_override=470, max_num_seqs=3, max_model_len=992)
     scheduler = scheduler_of(squeezed)
+    cold = runtime.get_runtime(squeezed.llm_engine.vllm_config).cold
     preempted, chunked = set(), set()
 
     def watch(step):
         for request in list(scheduler.requests.values()):
             if request.num_preemptions:
                 preempted.add(request.request_id)
+            if request.status == RequestStatus.PREEMPTED:      # its blocks are gone: so is its cold-tier copy
+                assert request.request_id not in cold.entries, (step, request.request_id)
             if 0 < request.num_computed_tokens < request.num_prompt_tokens:
                 chunked.add(request.request_id)
 
