@@ -22,6 +22,7 @@ attends densely. Attention itself is vLLM's own CPU paged kernel on the rewritte
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ from hybridkv_vllm.adapter.kv_spec import HybridKVBudgetSpec, register_spec
 from hybridkv_vllm.adapter.runtime import get_runtime
 from hybridkv_vllm.adapter.tiers import PRUNED, RETRIEVE, kept_blocks
 from hybridkv_vllm.core.selection import score_chunks, select_chunks, select_static, text_prior_scores
+
+logger = logging.getLogger("hybridkv")
 
 BACKEND_NAME = "HYBRIDKV"
 HEAD_SUFFIX = ".hkv_h"
@@ -289,9 +292,10 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 continue
             req_id = self.runtime.batch.rows[r].req_id if r < len(self.runtime.batch.rows) else None
             cold = self.runtime.cold.get(req_id, (self.layer_name, h))
-            if cold is None:
-                raise RuntimeError(f"HybridKV: no cold-tier entry for request {req_id!r}, {self.layer_name} "
-                                   f"head {h}: its prompt was not offloaded")
+            if cold is None:          # never expected; degrade this request only, never the whole engine
+                logger.error("HybridKV: no cold-tier entry for request %r (%s, head %d): it attends to its hot "
+                             "buffer as it is", req_id, self.layer_name, h)
+                continue
             scores = score_chunks(q[row.q_start], cold.kmin[None], cold.kmax[None])           # [1, C]
             chosen = select_chunks(scores, scores.shape[1], row.kept, self.runtime.selection)[0].tolist()
             swaps = plan_swap_in(cold.resident, chosen)

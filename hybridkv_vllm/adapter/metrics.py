@@ -27,7 +27,8 @@ name                                        type       extra labels             
 ``hybridkv:tokens_uncompressed_total``      counter    head_type                        KV (head x token) entries before it
 ``hybridkv:requests_compressed_total``      counter    --                               requests whose KV was compressed
 ``hybridkv:requests_bypassed_total``        counter    reason                           requests served uncompressed, by reason
-``hybridkv:retrieval_chunk_loads_total``    counter    --                               chunks loaded by dynamic-head retrieval
+``hybridkv:retrieval_chunk_loads_total``    counter    --                               chunks copied from the cold tier into
+                                                                                        dynamic heads' hot buffers
 ``hybridkv:retrieval_chunks_scored_total``  counter    --                               candidate chunks scored by retrieval
                                                                                         (loads / scored = selectivity)
 ``hybridkv:retrieval_swap_in_bytes_total``  counter    --                               bytes swapped in for retrieval
@@ -157,7 +158,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(REQUESTS_BYPASSED, "counter", LABELS + ("reason",),
                "Requests served with an uncompressed KV cache, by reason."),
     MetricSpec(RETRIEVAL_CHUNK_LOADS, "counter", LABELS,
-               "KV chunks loaded by dynamic-head retrieval."),
+               "KV chunks copied from the cold tier into dynamic heads' hot buffers by retrieval."),
     MetricSpec(RETRIEVAL_CHUNKS_SCORED, "counter", LABELS,
                "Candidate KV chunks scored by dynamic-head retrieval (chunk loads / this = selectivity)."),
     MetricSpec(RETRIEVAL_SWAP_IN_BYTES, "counter", LABELS,

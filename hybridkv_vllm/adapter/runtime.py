@@ -135,6 +135,11 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
                 tiers.summary())
     dtype_bytes = torch.empty(0, dtype=vllm_config.model_config.dtype).element_size()
+    dynamic_heads = int((~budget_plan.is_static).sum())
+    cold_bound = (vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.max_model_len
+                  * dynamic_heads * 2 * profile.model.head_dim * dtype_bytes)
+    logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
+                "%.2f GiB of host memory (max_num_seqs x max_model_len)", dynamic_heads, cold_bound / 2**30)
     accounting = StepAccounting(tiers=tiers, block_size=block_size, floor_blocks=config.floor_blocks,
                                 min_prompt_tokens=config.min_prompt_tokens,
                                 block_bytes=tiers.group_size * block_size * 2 * profile.model.head_dim * dtype_bytes)

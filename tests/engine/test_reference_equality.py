@@ -49,9 +49,11 @@ def _oracle(model_dir, profile_path, cases):
     return out
 
 
-def test_greedy_tokens_equal_core_reference(model_dir, profile_path):
-    """With a profile that has static (pruned) and dynamic (retrieving) heads in about equal numbers."""
-    profile = profile_path
+@pytest.mark.parametrize("which", ["half_static", "shipped"])
+def test_greedy_tokens_equal_core_reference(model_dir, profile_path, shipped_profile, which):
+    """With a profile that has static (pruned) and dynamic (retrieving) heads in about equal numbers, and with the
+    shipped profile (9 static heads of 90: nearly all retrieving from the cold tier)."""
+    profile = profile_path if which == "half_static" else shipped_profile
     cases = _cases()
     expected = _oracle(model_dir, profile, cases)
     llm = make_llm(model_dir, {"profile": str(profile), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT})

@@ -1,0 +1,81 @@
+"""Head-type ablation on the NIAH prompts of ``hybridkv eval`` (the paper's Table 4 question, on our model).
+
+Same prompts, same greedy decoding and passkey check as the harness; the ``hybridkv`` policy is run with the
+shipped profile and with the profile re-thresholded so that every head is dynamic (theta = 1.0) or every head is
+static (theta = 0.0, static budgets weighted by 1 - s), next to the full cache and the SnapKV baseline.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ablation_head_types.py \
+        --out benchmarks/results/fidelity/ablation_head_types.md          # ~3 min on 1 CPU thread
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+from hybridkv_vllm.eval.harness import EvalConfig
+from hybridkv_vllm.eval.metrics import passkey_found
+from hybridkv_vllm.eval.prompts import niah_prompts
+from hybridkv_vllm.hf.generate import Session
+from hybridkv_vllm.hf.inputs import encode_chat, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(profile: HeadProfile, budget: float) -> dict[str, object]:
+    cfg = BudgetConfig(budget)
+    rethreshold = lambda theta: HeadProfile.from_scores(profile.model, profile.scores, theta=theta)  # noqa: E731
+    n_static = int(profile.is_static.sum())
+    return {
+        f"shipped profile ({n_static} static / {profile.is_static.numel() - n_static} dynamic)":
+            make_policy("hybridkv", profile, cfg),
+        "all heads dynamic (theta = 1.0)": make_policy("hybridkv", rethreshold(1.0), cfg),
+        "all heads static (theta = 0.0, budgets weighted by 1 - s)": make_policy("hybridkv", rethreshold(0.0), cfg),
+        "SnapKV baseline (uniform budgets)": make_policy("snapkv", profile, cfg),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
+    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
+    parser.add_argument("--budgets", default="0.05,0.1")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    lm = load_model(args.model)
+    profile = HeadProfile.load(args.profile)
+    cfg = EvalConfig()
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    hits: dict[tuple[str, float], int] = {}
+    full_hits = 0
+    full = make_policy("full", profile, BudgetConfig(1.0))
+    for p in prompts:
+        session = Session(lm, encode_chat(lm, p.text), full)
+        decode = lambda policy: lm.tokenizer.decode(session.greedy(policy, cfg.niah_new_tokens).tokens,  # noqa
+                                                    skip_special_tokens=True)
+        full_hits += passkey_found(decode(full), p.passkey)
+        for budget in budgets:
+            for name, policy in variants(profile, budget).items():
+                hits[name, budget] = hits.get((name, budget), 0) + passkey_found(decode(policy), p.passkey)
+    names = list(variants(profile, budgets[0]))
+    lines = [f"# Head-type ablation: NIAH passkey hits of {len(prompts)} prompts (`{args.model.name}`)", "",
+             f"`{' '.join(['benchmarks/ablation_head_types.py', '--budgets', args.budgets])}`; "
+             f"{time.perf_counter() - started:.0f} s wall, 1 thread", "",
+             "| variant | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    lines += [f"| {n} | " + " | ".join(f"{hits[n, b]}/{len(prompts)}" for b in budgets) + " |" for n in names]
+    lines.append(f"| full cache | " + " | ".join(f"{full_hits}/{len(prompts)}" for _ in budgets) + " |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
