@@ -413,6 +413,7 @@ def main() -> None:
         res = run_engine(name, hkv, blocks, args, prompts, single_prompts)
         assert res["kv_bytes"] == stock_bytes, (res["kv_bytes"], stock_bytes)
         res["profile"] = str(profile.relative_to(ROOT) if profile.is_relative_to(ROOT) else "synthetic (seed 0)")
+        res["hybridkv"] = dict(hkv, profile=res["profile"])          # no machine-specific paths in the report
         results.append(res)
 
     import torch
