@@ -11,6 +11,8 @@ Keys (defaults in brackets):
   floor_blocks       minimum blocks per head [2]
   min_prompt_tokens  shorter prompts bypass compression [256]
   max_groups         most KV-cache groups the head tiers may use [16]
+  cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded]: the engine refuses to
+                     start if max_num_seqs x max_model_len could need more (runtime.py)
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ class HybridKVConfig:
     floor_blocks: int = 2
     min_prompt_tokens: int = 256
     max_groups: int = 16
+    cold_tier_gib: float | None = None
     selection: dict[str, int] = field(default_factory=dict)
 
     def budget_config(self, block_size: int) -> BudgetConfig:
@@ -89,6 +92,7 @@ def parse_config(additional_config: dict[str, Any] | None) -> HybridKVConfig:
         floor_blocks=_number(raw, "floor_blocks", int, 2),
         min_prompt_tokens=_number(raw, "min_prompt_tokens", int, 256),
         max_groups=_number(raw, "max_groups", int, 16),
+        cold_tier_gib=_number(raw, "cold_tier_gib", float, 0) if "cold_tier_gib" in raw else None,
         selection={k: _number(raw, k, int, 0) for k in SELECTION_KEYS if k in raw},
     )
     try:
@@ -96,6 +100,8 @@ def parse_config(additional_config: dict[str, Any] | None) -> HybridKVConfig:
         cfg.selection_config(block_size=16)
     except BudgetError as exc:
         raise ConfigError(f"hybridkv: {exc}") from exc
+    if cfg.cold_tier_gib is not None and cfg.cold_tier_gib <= 0:
+        raise ConfigError(f"hybridkv.cold_tier_gib={cfg.cold_tier_gib}: expected a number of GiB > 0")
     if cfg.max_groups < 1 or cfg.min_prompt_tokens < 0:
         raise ConfigError(f"hybridkv.max_groups={cfg.max_groups}, min_prompt_tokens={cfg.min_prompt_tokens}: "
                           "expected max_groups >= 1 and min_prompt_tokens >= 0")

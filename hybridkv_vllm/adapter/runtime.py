@@ -121,6 +121,25 @@ def _root_hf_config(model_config):
                       revision=model_config.revision)
 
 
+def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, head_dim: int,
+                     dtype_bytes: int) -> None:
+    """The cold tier holds the complete prompt chunks of every running request's dynamic heads (K and V, plus
+    fp32 min/max summaries: 2 more values per chunk and channel, bounded here by counting them per token). Its
+    worst case is logged, and checked against ``cold_tier_gib`` when that is set."""
+    max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+    max_model_len = vllm_config.model_config.max_model_len
+    per_token = dynamic_heads * head_dim * (2 * dtype_bytes + 2 * 4)
+    bound_gib = max_num_seqs * max_model_len * per_token / 2**30
+    logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
+                "%.2f GiB of host memory (max_num_seqs %d x max_model_len %d)", dynamic_heads, bound_gib,
+                max_num_seqs, max_model_len)
+    if config.cold_tier_gib is not None and bound_gib > config.cold_tier_gib:
+        raise ConfigError(f"hybridkv.cold_tier_gib={config.cold_tier_gib:g}: the cold tier may need up to "
+                          f"{bound_gib:.2f} GiB (max_num_seqs {max_num_seqs} x max_model_len {max_model_len} "
+                          f"x {dynamic_heads} dynamic heads): lower --max-num-seqs or --max-model-len, or raise "
+                          "hybridkv.cold_tier_gib")
+
+
 def build_runtime(vllm_config) -> HybridKVRuntime:
     config = parse_config(vllm_config.additional_config)
     _check_flags(vllm_config)
@@ -135,11 +154,7 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
                 tiers.summary())
     dtype_bytes = torch.empty(0, dtype=vllm_config.model_config.dtype).element_size()
-    dynamic_heads = int((~budget_plan.is_static).sum())
-    cold_bound = (vllm_config.scheduler_config.max_num_seqs * vllm_config.model_config.max_model_len
-                  * dynamic_heads * 2 * profile.model.head_dim * dtype_bytes)
-    logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
-                "%.2f GiB of host memory (max_num_seqs x max_model_len)", dynamic_heads, cold_bound / 2**30)
+    _check_cold_tier(config, vllm_config, int((~budget_plan.is_static).sum()), profile.model.head_dim, dtype_bytes)
     accounting = StepAccounting(tiers=tiers, block_size=block_size, floor_blocks=config.floor_blocks,
                                 min_prompt_tokens=config.min_prompt_tokens,
                                 block_bytes=tiers.group_size * block_size * 2 * profile.model.head_dim * dtype_bytes)

@@ -20,6 +20,8 @@ def test_defaults_and_values(profile):
     cfg = parse_config({"hybridkv": {"profile": profile, "budget": 0.2, "r": 2, "obs_window": 16}})
     assert (cfg.budget, cfg.r, cfg.min_prompt_tokens, cfg.selection) == (0.2, 2.0, 256, {"obs_window": 16})
     assert cfg.selection_config(32).chunk_size == 32 and cfg.budget_config(32).block_size == 32
+    assert cfg.cold_tier_gib is None
+    assert parse_config({"hybridkv": {"profile": profile, "cold_tier_gib": 2}}).cold_tier_gib == 2.0
 
 
 @pytest.mark.parametrize("section, message", [
@@ -33,6 +35,8 @@ def test_defaults_and_values(profile):
     ({"profile": "P", "floor_blocks": 1.5}, "floor_blocks=1.5"),
     ({"profile": "P", "bugdet": 0.1}, "unknown hybridkv setting(s) ['bugdet']"),
     ({"profile": "P", "obs_window": 0}, "obs_window=0"),
+    ({"profile": "P", "cold_tier_gib": 0}, "cold_tier_gib=0"),
+    ({"profile": "P", "cold_tier_gib": "8"}, "hybridkv.cold_tier_gib='8'"),
 ])
 def test_bad_settings_are_named(profile, section, message, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)

@@ -90,7 +90,8 @@ def test_server_refuses_a_profile_for_another_model(tmp_path):
     assert "num_layers" in run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_profile", "budget_out_of_range", "prefix_caching", "no_such_file"])
+@pytest.mark.parametrize("case", ["missing_profile", "budget_out_of_range", "prefix_caching", "no_such_file",
+                                  "cold_tier_too_small"])
 def test_engine_refuses_bad_configuration(case, profile_path):
     config = {"profile": str(profile_path), "budget": 0.1}
     kwargs, expect = {}, ""
@@ -100,6 +101,9 @@ def test_engine_refuses_bad_configuration(case, profile_path):
     elif case == "budget_out_of_range":
         config["budget"] = 1.5
         expect = "budget=1.5"
+    elif case == "cold_tier_too_small":
+        config["cold_tier_gib"] = 0.01           # 8 seqs x 4096 tokens of ~45 dynamic heads need ~0.5 GiB
+        expect = "lower --max-num-seqs or --max-model-len"
     elif case == "prefix_caching":
         kwargs["enable_prefix_caching"] = True
         expect = "--no-enable-prefix-caching"
