@@ -70,7 +70,7 @@ def test_blocks_held_match_profile_and_budget(hybrid_llm, profile_path):
         held = held_blocks(llm, internal_id)
         expected = _expected_blocks(llm, profile_path, request.num_prompt_tokens, request.num_computed_tokens)
         assert all(abs(h - e) <= 1 for h, e in zip(held, expected)), (step, held, expected)
-        # Real freeing: budget groups hold far fewer blocks than the full groups, and the pool saw it.
+        # Real freeing: the groups hold far fewer blocks than the tokens need at full length, and the pool saw it.
         assert sum(held) < len(held) * _cdiv(request.num_computed_tokens, BS)
         assert free_at_start - free_blocks(llm) == sum(held)
         checked.append(step)
