@@ -8,8 +8,8 @@ expected shape) and version-checked against the vLLM range this plugin was built
    step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
    builds attention metadata, because metadata builders are never told which request a row belongs to.
    Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
-3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and resumed requests,
-   and zeroes the blocks-held gauges once no request is left (see below).
+3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and preempted
+   requests, and zeroes the blocks-held gauges once no request is left (see below).
 """
 from __future__ import annotations
 

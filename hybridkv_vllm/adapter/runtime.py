@@ -76,7 +76,7 @@ class HybridKVRuntime:
         return set(self.cold.entries) | {key[0] for key in self.obs_stash}
 
     def release(self, req_ids: set[str]) -> None:
-        """Drop what the worker holds for these requests (finished, aborted, or resumed to be recomputed)."""
+        """Drop what the worker holds for these requests (finished, aborted, or preempted to be recomputed)."""
         self.cold.drop(req_ids)
         for key in [k for k in self.obs_stash if k[0] in req_ids]:
             del self.obs_stash[key]
@@ -123,12 +123,12 @@ def _root_hf_config(model_config):
 
 def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, head_dim: int,
                      dtype_bytes: int) -> None:
-    """The cold tier holds the complete prompt chunks of every running request's dynamic heads (K and V, plus
-    fp32 min/max summaries: 2 more values per chunk and channel, bounded here by counting them per token). Its
-    worst case is logged, and checked against ``cold_tier_gib`` when that is set."""
+    """The cold tier holds the complete prompt chunks of every running request's dynamic heads: K and V per token,
+    plus fp32 min/max summaries per chunk (= block) and channel. Its worst case is logged, and checked against
+    ``cold_tier_gib`` when that is set."""
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     max_model_len = vllm_config.model_config.max_model_len
-    per_token = dynamic_heads * head_dim * (2 * dtype_bytes + 2 * 4)
+    per_token = dynamic_heads * head_dim * (2 * dtype_bytes + 2 * 4 / vllm_config.cache_config.block_size)
     bound_gib = max_num_seqs * max_model_len * per_token / 2**30
     logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
                 "%.2f GiB of host memory (max_num_seqs %d x max_model_len %d)", dynamic_heads, bound_gib,

@@ -102,7 +102,7 @@ def test_engine_refuses_bad_configuration(case, profile_path):
         config["budget"] = 1.5
         expect = "budget=1.5"
     elif case == "cold_tier_too_small":
-        config["cold_tier_gib"] = 0.01           # 8 seqs x 4096 tokens of ~45 dynamic heads need ~0.5 GiB
+        config["cold_tier_gib"] = 0.01           # 8 seqs x 4096 tokens x ~45 dynamic heads need ~0.7 GiB (fp32)
         expect = "lower --max-num-seqs or --max-model-len"
     elif case == "prefix_caching":
         kwargs["enable_prefix_caching"] = True
