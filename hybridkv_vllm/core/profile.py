@@ -17,6 +17,12 @@ Choices (where DESIGN §1 is silent)
 - Accessor tensors: ``is_static`` is ``torch.bool [L, H]``; ``scores`` and ``weights`` are ``torch.float64
   [L, H]`` (float64 keeps the JSON values exactly).
 - Loading does not re-derive a head's ``type`` from its ``score`` and ``theta``: hand overrides are allowed.
+- Numbers: the JSON literals ``NaN``, ``Infinity`` and ``-Infinity`` (which Python's ``json`` accepts) are refused
+  while parsing; a float that overflows to infinity (``1e400``) or a non-finite float handed to :meth:`from_dict`
+  is refused before the schema is applied (one walk, :func:`_check_finite`). Ranges (``score`` in [0, 1],
+  ``weight`` in (0, 1e6], ...) live in the schema only. A JSON Schema ``integer`` here is an ``int``: ``3.0`` is
+  refused (the writer never produces it, and Python would treat it as a float).
+- Error messages name the value's JSON path as ``layers[3].heads[1].score``.
 - ``slice_for_tp`` keeps the fingerprint (it identifies the model, not the shard) and records the slice in
   ``provenance["tp_slice"]``.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -248,7 +255,8 @@ class HeadProfile:
 
     @classmethod
     def from_dict(cls, doc: Any, expect: ModelIdentity | None = None, source: str = "head profile") -> HeadProfile:
-        """Validate ``doc`` (version, schema, semantics, then ``expect``) and build the profile."""
+        """Validate ``doc`` (finite numbers, version, schema, semantics, then ``expect``) and build the profile."""
+        _check_finite(doc, source)
         _check_version(doc, source)
         _validate_schema(doc, source)
         model = ModelIdentity(**doc["model"])
@@ -266,8 +274,15 @@ class HeadProfile:
                    provenance=dict(doc["provenance"]), schema_version=doc["schema_version"])
 
     def save(self, path: str | Path) -> None:
-        """Write the profile as JSON (floats with ``repr`` precision, so :meth:`load` round-trips exactly)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write the profile as JSON (floats with ``repr`` precision, so :meth:`load` round-trips exactly).
+
+        A non-finite float (which :meth:`load` would refuse) raises :class:`ProfileError` instead of being written.
+        """
+        try:
+            text = json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        except ValueError as exc:
+            raise ProfileError(f"cannot save head profile to {str(path)!r}: {exc}") from exc
+        Path(path).write_text(text + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path, expect: ModelIdentity | None = None) -> HeadProfile:
@@ -275,13 +290,9 @@ class HeadProfile:
         source = f"head profile {str(path)!r}"
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ProfileError(f"{source}: cannot read: {exc}") from exc
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{source}: malformed JSON: {exc}") from exc
-        return cls.from_dict(doc, expect=expect, source=source)
+        return cls.from_dict(parse_json(text, source), expect=expect, source=source)
 
     # ---- tensor parallelism
     def slice_for_tp(self, rank: int, world: int) -> HeadProfile:
@@ -311,6 +322,57 @@ class HeadProfile:
 
 
 # --------------------------------------------------------------------------------------------------- validation
+class _NonFiniteLiteral:
+    """What a ``NaN`` / ``Infinity`` / ``-Infinity`` literal parses to: not a number, so nothing can use it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def parse_json(text: str, source: str = "head profile") -> Any:
+    """``json.loads`` that refuses the non-standard literals ``NaN``, ``Infinity``, ``-Infinity``.
+
+    Each such literal parses to a marker, never to a float; the error (naming the literal and its JSON path) is
+    raised here, before anything else looks at the document. Malformed or too deeply nested text is a
+    :class:`ProfileError` too.
+    """
+    try:
+        doc = json.loads(text, parse_constant=_NonFiniteLiteral)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{source}: malformed JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ProfileError(f"{source}: malformed JSON: nested too deeply") from exc
+    _check_finite(doc, source)
+    return doc
+
+
+def json_path(parts: Any) -> str:
+    """``["layers", 3, "heads", 1, "score"]`` -> ``"layers[3].heads[1].score"`` (``"<root>"`` when empty)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def _check_finite(doc: Any, source: str) -> None:
+    """Refuse non-finite numbers (a non-standard literal, an overflowed ``1e400``, a NaN float) anywhere in ``doc``."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(doc, ())]
+    while stack:                                    # iterative: a deeply nested provenance cannot overflow the stack
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, (*where, k)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, (*where, i)) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, _NonFiniteLiteral) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ProfileError(f"{source}: {json_path(where)} is {value!r}: a head profile's numbers must be "
+                               "finite (NaN, Infinity and -Infinity are refused)")
+
+
 def _check_version(doc: Any, source: str) -> None:
     if not isinstance(doc, dict):
         raise ProfileError(f"{source}: top level must be a JSON object, got {type(doc).__name__}")
@@ -329,16 +391,25 @@ def schema() -> dict[str, Any]:
     return json.loads(resources.files(package).joinpath(name).read_text(encoding="utf-8"))
 
 
-def _validate_schema(doc: Any, source: str) -> None:
+def _validator() -> Any:
+    """Draft 2020-12 validator of the v1 schema whose ``integer`` is a Python ``int`` (not ``3.0``, not a bool)."""
     global _VALIDATOR
     import jsonschema
 
     if _VALIDATOR is None:
-        _VALIDATOR = jsonschema.Draft202012Validator(schema())
-    error = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(doc))
+        base = jsonschema.Draft202012Validator
+        checker = base.TYPE_CHECKER.redefine(
+            "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+        _VALIDATOR = jsonschema.validators.extend(base, type_checker=checker)(schema())
+    return _VALIDATOR
+
+
+def _validate_schema(doc: Any, source: str) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
     if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "<root>"
-        raise ProfileError(f"{source}: schema error at {where}: {error.message}")
+        raise ProfileError(f"{source}: schema error at {json_path(error.absolute_path)}: {error.message}")
 
 
 def _check_shape(model: ModelIdentity, heads: list[list[int]], layer_idx: list[int],

@@ -1,11 +1,15 @@
 """Head profile: round trip, validation errors, model matching, TP slicing, classification rule."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybridkv_vllm.core.errors import ProfileError
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity, classify, schema
@@ -41,8 +45,8 @@ def test_from_scores_classification_rule(make_identity):
     scores = torch.tensor([[0.95, 0.5], [0.9, 0.899999]], dtype=torch.float64)
     prof = HeadProfile.from_scores(ident, scores, theta=0.9)
     assert prof.is_static.tolist() == [[True, False], [True, False]]
-    for (l, h), s in zip([(0, 0), (1, 0)], [0.95, 0.9]):
-        assert prof.weights[l, h].item() == pytest.approx(1 - s + 1e-3, abs=0, rel=1e-12)
+    for (layer, h), s in zip([(0, 0), (1, 0)], [0.95, 0.9]):
+        assert prof.weights[layer, h].item() == pytest.approx(1 - s + 1e-3, abs=0, rel=1e-12)
     assert prof.weights[0, 1].item() == 1.0 and prof.weights[1, 1].item() == 1.0
     assert classify(0.5, 0.4) == ("static", 1 - 0.5 + 1e-3)
     assert prof.is_static.dtype == torch.bool and prof.scores.shape == (2, 2)
@@ -64,7 +68,7 @@ def test_missing_field_names_it(tmp_path, profile):
 def test_bad_head_type_is_schema_error(tmp_path, profile):
     doc = profile.to_dict()
     doc["layers"][1]["heads"][0]["type"] = "sometimes"
-    with pytest.raises(ProfileError, match="layers/1/heads/0/type"):
+    with pytest.raises(ProfileError, match=r"schema error at layers\[1\]\.heads\[0\]\.type: 'sometimes'"):
         HeadProfile.load(_write(tmp_path, doc))
 
 
@@ -104,7 +108,7 @@ def test_shape_checks(tmp_path, profile):
 
 
 def test_from_hf_config_text_and_vl():
-    transformers = pytest.importorskip("transformers")
+    import transformers                          # a hard dependency (setup.py): fail, do not skip, without it
     text = transformers.Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     hidden_size=32, intermediate_size=64, vocab_size=100,
                                     architectures=["Qwen2ForCausalLM"])
@@ -145,3 +149,127 @@ def test_tp_slice_round_trips(tmp_path, make_identity, make_profile):
     prof = make_profile(make_identity(num_layers=2, num_q_heads=8, num_kv_heads=4)).slice_for_tp(1, 2)
     prof.save(tmp_path / "s.json")
     assert HeadProfile.load(tmp_path / "s.json") == prof
+
+
+# ------------------------------------------------------------------------------------------ numbers and ranges
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_literal_refused_with_path(tmp_path, profile, literal):
+    text = json.dumps(profile.to_dict()).replace('"score": ' + json.dumps(profile.layers[1][0].score),
+                                                 '"score": ' + literal, 1)
+    assert literal in text
+    with pytest.raises(ProfileError, match=rf"layers\[1\]\.heads\[0\]\.score is {literal}: .* must be finite"):
+        HeadProfile.load(_write(tmp_path, text))
+
+
+def test_overflowing_float_and_python_nan_refused(tmp_path, profile):
+    text = json.dumps(profile.to_dict()).replace('"theta": 0.9', '"theta": 1e400', 1)
+    with pytest.raises(ProfileError, match=r"classification\.theta is inf"):
+        HeadProfile.load(_write(tmp_path, text))
+    doc = profile.to_dict()
+    doc["provenance"]["extra"] = {"runs": [1.0, float("nan")]}          # free-form, but still finite numbers
+    with pytest.raises(ProfileError, match=r"provenance\.extra\.runs\[1\] is nan"):
+        HeadProfile.from_dict(doc)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("score", 1.5, "1.5 is greater than the maximum of 1"),
+    ("score", -0.25, "-0.25 is less than the minimum of 0"),
+    ("weight", 0, "0 is less than or equal to the minimum of 0"),
+    ("weight", -1.0, "-1.0 is less than or equal to the minimum of 0"),
+    ("weight", 2**64, "18446744073709551616 is greater than the maximum of 1000000"),
+    ("weight", 1e300, "1e\\+300 is greater than the maximum of 1000000"),
+    ("kv_head", 1.0, "1.0 is not of type 'integer'"),
+])
+def test_out_of_range_value_named_with_path(tmp_path, profile, field, value, message):
+    doc = profile.to_dict()
+    doc["layers"][2]["heads"][1][field] = value
+    with pytest.raises(ProfileError, match=rf"schema error at layers\[2\]\.heads\[1\]\.{field}: {message}"):
+        HeadProfile.load(_write(tmp_path, doc))
+
+
+def test_weight_bounds_accept_hand_overrides(tmp_path, profile):
+    doc = profile.to_dict()
+    doc["layers"][0]["heads"][0]["weight"] = 1e6                       # the ceiling itself is allowed
+    doc["layers"][0]["heads"][1]["weight"] = 1e-9
+    back = HeadProfile.load(_write(tmp_path, doc))
+    assert back.weights[0].tolist() == [1e6, 1e-9]
+
+
+def test_save_refuses_non_finite(tmp_path, profile):
+    bad = replace(profile, layers=((replace(profile.layers[0][0], weight=float("nan")),
+                                    *profile.layers[0][1:]), *profile.layers[1:]))
+    with pytest.raises(ProfileError, match="cannot save head profile"):
+        bad.save(tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- fuzzing
+_FUZZ_BASE = HeadProfile.from_scores(
+    ModelIdentity(architecture="TinyForCausalLM", num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8,
+                  fingerprint="sha256:" + "ab" * 32),
+    torch.tensor([[0.95, 0.5], [0.91, 0.2], [0.0, 1.0]], dtype=torch.float64), theta=0.9,
+    provenance={"created": "2026-01-01T00:00:00+00:00", "tool_version": "test", "num_prompts": 2,
+                "prompt_tokens": [10, 12]}).to_dict()
+_RAW = "\x00raw:"                                      # a string replaced by raw JSON text after dumping
+_VALUES = [float("nan"), float("inf"), float("-inf"), _RAW + "1e400", _RAW + "-1e400", 2**64, -(2**64), 10**400,
+           1e300, -1, -0.5, 0, 0.0, -0.0, 0.5, 1, 1.5, 3.0, True, False, None, "", "x", "static", [], {}, [1.0],
+           {"a": 1}]
+
+
+def _paths(doc, where=()):
+    yield where
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, (*where, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _paths(v, (*where, i))
+
+
+def _mutate(data, doc):
+    doc = json.loads(json.dumps(doc))
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        paths = list(_paths(doc))
+        where = data.draw(st.sampled_from(paths[1:]), label="path")
+        parent = doc
+        for part in where[:-1]:
+            parent = parent[part]
+        action = data.draw(st.sampled_from(["replace", "delete", "extra_key", "as_float"]), label="action")
+        if action == "as_float":                        # 2 -> 2.0: the same JSON Schema integer, a Python float
+            value = parent[where[-1]]
+            if isinstance(value, int) and not isinstance(value, bool):
+                parent[where[-1]] = float(value)
+        elif action == "replace":
+            parent[where[-1]] = copy.deepcopy(data.draw(st.sampled_from(_VALUES), label="value"))
+        elif action == "delete":
+            del parent[where[-1]]
+        else:
+            target = parent[where[-1]]
+            if isinstance(target, dict):
+                key = data.draw(st.sampled_from(["extra", "score", "weight", "layer"]), label="key")
+                target[key] = copy.deepcopy(data.draw(st.sampled_from(_VALUES), label="value"))
+    text = json.dumps(doc, indent=1)                    # allow_nan: writes the NaN / Infinity literals
+    for raw in ("1e400", "-1e400"):
+        text = text.replace(json.dumps(_RAW + raw), raw)
+    if data.draw(st.booleans(), label="truncate"):
+        text = text[:data.draw(st.integers(0, len(text)), label="cut")]
+    return text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_profile_loads_or_raises_profile_error(tmp_path_factory, data):
+    text = _mutate(data, _FUZZ_BASE)
+    path = tmp_path_factory.mktemp("fuzz", numbered=True) / "p.json"
+    path.write_text(text, encoding="utf-8")
+    try:
+        prof = HeadProfile.load(path)
+    except ProfileError:
+        return                                          # the named error; anything else fails the test
+    for layer in prof.layers:
+        for e in layer:
+            assert e.type in ("static", "dynamic")
+            assert math.isfinite(e.score) and 0.0 <= e.score <= 1.0
+            assert math.isfinite(e.weight) and 0.0 < e.weight <= 1e6
+    assert math.isfinite(prof.classification.theta) and 0.0 <= prof.classification.theta <= 1.0
+    assert HeadProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof

@@ -77,12 +77,14 @@ def test_constructed_patterns_classify():
 
 
 def test_uniform_attention_score_by_hand():
-    # zero queries -> uniform over p+1 keys -> k90 = ceil(0.9 (p+1))
-    S, D = 20, 4
+    # zero queries -> uniform over n = p+1 keys -> k90 = ceil(0.9 n). n = 11 and 23 keep 0.9 n (9.9, 20.7) far
+    # from an integer: with n = 10 or 20, 9 (18) fp32 probabilities 1/n sum to 0.9 only up to the rounding
+    # direction of 1/n, so k90 would hinge on the last bit of the softmax.
+    S, D = 24, 4
     k = torch.randn(S, 1, D)
-    q_pos = torch.tensor([9, 19])
+    q_pos = torch.tensor([10, 22])
     got = mass_concentration(torch.zeros(2, 1, D), k, q_pos, 1.0)
-    expect = ((1 - math.ceil(0.9 * 10 - 1e-9) / 10) + (1 - math.ceil(0.9 * 20 - 1e-9) / 20)) / 2
+    expect = ((1 - math.ceil(0.9 * 11) / 11) + (1 - math.ceil(0.9 * 23) / 23)) / 2
     assert got.item() == pytest.approx(expect, abs=1e-9)
 
 
