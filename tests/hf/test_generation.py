@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, ModelIdentity, make_policy
+from hybridkv_vllm.core.budgets import allocate, uniform_plan
 from hybridkv_vllm.core.policy import HeadKind
 from hybridkv_vllm.hf.attention import HFIntegrationError, activate
 from hybridkv_vllm.hf.generate import Session
@@ -96,22 +97,32 @@ def test_compressed_is_deterministic_and_dense_until_decode(tiny_vl):
 
 
 def test_kept_sets_follow_budgets(tiny_vl):
+    """Every head, STATIC or DYNAMIC, keeps its allocator budget + the prompt part of the partial tail block.
+
+    The oracle is the core allocator (``allocate`` on the profile for hybridkv, ``uniform_plan`` for streaming),
+    not the policy's own rules; one formula for both head kinds, and no other kind may appear.
+    """
     enc = encode_chat(tiny_vl, "Describe it. " * 20, [load_image("skimage:coffee.png")])
     profile = synthetic_profile(tiny_vl)
     session = Session(tiny_vl, enc, make_policy("full", profile, BudgetConfig(1.0)))
+    cfg = BudgetConfig(0.2)
     p = enc.prompt_len
-    tail = p - 16 * (p // 16)
-    for name in ("hybridkv", "streaming"):
-        policy = make_policy(name, profile, BudgetConfig(0.2))
+    tail = p - cfg.block_size * (p // cfg.block_size)
+    oracles = {"hybridkv": (allocate(profile, cfg), profile.is_static),
+               "streaming": (uniform_plan(profile.num_layers, profile.num_kv_heads, cfg),
+                             torch.ones_like(profile.is_static))}
+    for name, (plan, is_static) in oracles.items():
+        policy = make_policy(name, profile, cfg)
+        want = plan.tokens_for(p) + tail
+        kinds = [policy.rules(layer, p).kinds for layer in range(profile.num_layers)]
+        assert kinds == [tuple(HeadKind.STATIC if s else HeadKind.DYNAMIC for s in row)
+                         for row in is_static.tolist()], name
+        assert torch.equal(torch.stack([policy.rules(layer, p).budgets for layer in range(profile.num_layers)]),
+                           plan.tokens_for(p)), name
         counts = session.state_for(policy).kept_counts()
-        for layer in range(counts.shape[0]):
-            rules = policy.rules(layer, p)
-            for h, kind in enumerate(rules.kinds):
-                budget = int(rules.budgets[h])
-                if kind is HeadKind.STATIC:
-                    assert int(counts[layer, h]) == budget + tail
-                elif kind is HeadKind.DYNAMIC:       # budget chunks + the prompt part of the partial tail chunk
-                    assert int(counts[layer, h]) == budget + tail
+        assert torch.equal(counts, want), (name, counts.tolist(), want.tolist())
+        assert bool((counts < p).any()), name           # the budget compresses something: not trivially dense
+    assert profile.is_static.any() and (~profile.is_static).any()      # both kinds were checked
 
 
 def test_batch_of_two_is_rejected(tiny_vl):
