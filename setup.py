@@ -6,7 +6,8 @@ setup(
     version="0.1.0",
     description="HybridKV KV-cache compression for multimodal LLMs, as a vLLM attention-backend plugin",
     python_requires=">=3.11",
-    packages=find_packages(include=["hybridkv_vllm", "hybridkv_vllm.*"]) + ["hybridkv_kernels", "hybridkv_vllm.configs"],
+    packages=(find_packages(include=["hybridkv_vllm", "hybridkv_vllm.*"])
+              + ["hybridkv_kernels", "hybridkv_vllm.configs"]),
     # The top-level kernels/ folder ships as its own import package; a bare `kernels` would shadow
     # the PyPI package of that name, which transformers looks for.
     # configs/ ships as hybridkv_vllm.configs (profile schema + shipped profiles, read with importlib.resources).

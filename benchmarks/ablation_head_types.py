@@ -71,7 +71,7 @@ def main() -> int:
              "| variant | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
     lines += [f"| {n} | " + " | ".join(f"{hits[n, b]}/{len(prompts)}" for b in budgets) + " |" for n in names]
-    lines.append(f"| full cache | " + " | ".join(f"{full_hits}/{len(prompts)}" for _ in budgets) + " |")
+    lines.append("| full cache | " + " | ".join(f"{full_hits}/{len(prompts)}" for _ in budgets) + " |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -387,14 +387,15 @@ def main() -> None:
     name = (torch.cuda.get_device_name() if CUDA
             else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter")
     copy_gbs = copy_bandwidth(timer)
-    p(f"# HybridKV kernel benchmark\n")
+    p("# HybridKV kernel benchmark\n")
     p(f"- device: **{name}**; torch {torch.__version__}, triton {triton.__version__}; "
       f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
     p(f"- command: `python benchmarks/kernels.py {' '.join(sys.argv[1:])}`")
     p(f"- measured device-to-device copy bandwidth: **{copy_gbs:.0f} GB/s** ({'1 GiB' if CUDA else '4 MiB'} "
       "`copy_`, read + write bytes)")
     p(f"- shapes: Hq={Hq}, H={H}, D={D}, {str(dtype).replace('torch.', '')}, block = chunk = {bs}; cache layout "
-      f"`[NB, 2, bs, H, D]`; times are medians of {iters} calls (µs), L2 evicted (by a 256 MiB read) before each call\n")
+      f"`[NB, 2, bs, H, D]`; times are medians of {iters} calls (µs), L2 evicted (by a 256 MiB read) before "
+      "each call\n")
 
     cfg = dict(sparse_decode.LAUNCH)
     plan = (sparse_decode.WAVES, sparse_decode.MIN_TOKENS_PER_SPLIT)
@@ -450,7 +451,8 @@ def main() -> None:
       "(bf16 summaries, 1/16 of the K+V bytes); step speed-up = dense / (sparse + score); sel = ref: fraction of "
       "selected indices equal to the PyTorch reference\n")
     p("| B | ctx | budget | k blocks | splits | MB read | sparse µs | % copy | eager µs | dense µs | "
-      "dense % copy | SDPA µs | bytes ratio | speed-up | score µs | step speed-up | torch ref µs | score ref µs | max err | sel = ref |")
+      "dense % copy | SDPA µs | bytes ratio | speed-up | score µs | step speed-up | torch ref µs | score ref µs | "
+      "max err | sel = ref |")
     p("|" + "---|" * 20)
     for ctx in contexts:
         for B in batches:
@@ -470,7 +472,8 @@ def main() -> None:
 
     p("\n## Decode in the per-KV-head layout (DESIGN §6 virtual layers: `[H, NB, 2, bs, D]`, a head's block is one "
       "contiguous 4 KiB tile)\n")
-    p("| B | ctx | budget | MB read | sparse µs | % copy | dense µs | dense % copy | bytes ratio | speed-up | max err |")
+    p("| B | ctx | budget | MB read | sparse µs | % copy | dense µs | dense % copy | bytes ratio | speed-up | "
+      "max err |")
     p("|---|---|---|---|---|---|---|---|---|---|---|")
     head_shapes = [(8, 32768), (32, 16384), (32, 32768)] if not args.quick else [(1, contexts[0])]
     for B, ctx in head_shapes:

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     e = sub.add_parser("eval", help="fidelity harness: NIAH, greedy agreement, KL vs the full cache")
-    e.add_argument("--model", required=True, help="HF model directory (a VL model serves the text and the image prompts)")
+    e.add_argument("--model", required=True,
+                   help="HF model directory (a VL model serves the text and the image prompts)")
     e.add_argument("--profile", required=True, help="head profile of --model")
     e.add_argument("--budgets", type=_budgets, default=[0.05, 0.1, 0.2, 0.4], help="comma-separated fractions")
     e.add_argument("--methods", default="full,hybridkv,streaming,snapkv,random", help="comma-separated policies")

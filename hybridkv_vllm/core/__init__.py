@@ -21,6 +21,7 @@ __all__ = [
     "make_policy",
     "ClassificationParams", "HeadEntry", "HeadProfile", "ModelIdentity",
     "CompressedLayerCache", "dense_attention", "sparse_decode_attention",
-    "SelectionConfig", "chunk_summaries", "retrieval_chunks", "score_chunks", "select_chunks", "select_static", "text_prior_scores",
+    "SelectionConfig", "chunk_summaries", "retrieval_chunks", "score_chunks", "select_chunks", "select_static",
+    "text_prior_scores",
     "SparsityAccumulator", "mass_concentration", "query_positions",
 ]

@@ -8,7 +8,8 @@ With ``N = L * H`` heads, ``n_s`` static and ``n_d`` dynamic, a head's budget as
 capped at 1 (a head cannot keep more than the whole prompt): heads the formula gives more than 1 keep the whole
 prompt and the excess goes to the others in proportion (water-filling: ``f'_h = min(1, lam * f_h)`` with ``lam >= 1``
 chosen so the total ``budget * N`` is unchanged). So at ``budget = 1`` every head keeps everything (dense, DESIGN §5),
-and no budget is wasted on a head past its prompt. Its token budget for a prompt of ``P`` tokens (whole blocks; ``P_aligned = bs * (P // bs)``) is
+and no budget is wasted on a head past its prompt. Its token budget for a prompt of ``P`` tokens (whole blocks;
+``P_aligned = bs * (P // bs)``) is
 ``min(P_aligned, max(floor_blocks * bs, bs * floor(f_h * P / bs)))``. The prompt's partial tail block
 ``[P_aligned, P)`` is always kept on top and is not counted.
 

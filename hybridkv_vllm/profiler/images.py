@@ -21,7 +21,8 @@ def image_path(source: str) -> Path:
     """Resolve ``"<package>:<file>"`` to the file inside the installed package (without importing the package)."""
     package, sep, name = source.partition(":")
     if not sep or package not in _FOLDERS or not name:
-        raise ImageSourceError(f"image source {source!r}: expected '<package>:<file>' with package in {sorted(_FOLDERS)}")
+        raise ImageSourceError(f"image source {source!r}: expected '<package>:<file>' with package in "
+                               f"{sorted(_FOLDERS)}")
     root, *sub = _FOLDERS[package]
     spec = importlib.util.find_spec(root)
     if spec is None or not spec.submodule_search_locations:

@@ -46,7 +46,8 @@ def test_dense_attention_oracle(G):
 def test_sparse_decode_oracle(G):
     gen = torch.Generator().manual_seed(10 + G)
     S, H = 30, 3
-    q, k, v = torch.randn(H * G, D, generator=gen), torch.randn(S, H, D, generator=gen), torch.randn(S, H, D, generator=gen)
+    q = torch.randn(H * G, D, generator=gen)
+    k, v = torch.randn(S, H, D, generator=gen), torch.randn(S, H, D, generator=gen)
     kept = [torch.sort(torch.randperm(S, generator=gen)[: 1 + h * 5]).values for h in range(H)]
     got = sparse_decode_attention(q, k, v, kept, SCALE)
     torch.testing.assert_close(got.double(), _oracle_attention(q[None], k, v, [S - 1], kept)[0], atol=1e-5, rtol=0)
@@ -62,7 +63,8 @@ def _mixed_profile(make_profile_fn, make_identity_fn, L, Hq, H, equal_weights):
     if not equal_weights:
         return prof
     # static heads with identical scores -> identical weights, so a 100 % budget keeps everything
-    scores = torch.where(prof.is_static, torch.tensor(0.95, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64))
+    scores = torch.where(prof.is_static, torch.tensor(0.95, dtype=torch.float64),
+                         torch.tensor(0.5, dtype=torch.float64))
     scores[0, 0], scores[-1, -1] = 0.95, 0.5  # at least one head of each type
     return HeadProfile.from_scores(ident, scores, theta=0.9)
 
@@ -189,7 +191,8 @@ def test_cache_multi_token_append_and_explicit_obs_positions(make_profile, make_
     ident = make_identity(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=D)
     pol = make_policy("snapkv", make_profile(ident), BudgetConfig(1.0))
     P = 40
-    k, v, q = torch.randn(P + 4, 2, D, generator=gen), torch.randn(P + 4, 2, D, generator=gen), torch.randn(P + 4, 4, D, generator=gen)
+    k, v = torch.randn(P + 4, 2, D, generator=gen), torch.randn(P + 4, 2, D, generator=gen)
+    q = torch.randn(P + 4, 4, D, generator=gen)
     cache = CompressedLayerCache(pol.rules(0, P), SCALE)
     cache.prefill(k[:P], v[:P], torch.zeros(P, dtype=torch.bool), q_obs=q[P - 8:P], q_obs_pos=torch.arange(P - 8, P))
     cache.append(k[P:P + 3], v[P:P + 3])
