@@ -89,7 +89,7 @@ def usable_blocks(llm) -> int:
 def num_groups_planned(profile: Path, budget: float) -> int:
     """KV-cache groups the adapter will make (pure: core allocator + tier planner, no vllm)."""
     from hybridkv_vllm.adapter.config import HybridKVConfig
-    from hybridkv_vllm.adapter.tiers import plan_tiers
+    from hybridkv_vllm.core.tiers import plan_tiers
     from hybridkv_vllm.core.budgets import allocate
     from hybridkv_vllm.core.profile import HeadProfile
 
@@ -253,7 +253,8 @@ def run_engine(name: str, hybridkv: dict | None, blocks: int, args, prompts, sin
           f"mean KV {b['mean_kv_bytes'] / 2**20:.2f} MiB, {b['wall_s']:.1f}s, {b['output_tok_per_s']:.2f} tok/s, "
           f"{b['preemptions']} preemptions", flush=True)
     res = dict(name=name, hybridkv=hybridkv, startup_s=startup, kv_cache_groups=groups, num_blocks=num_blocks(llm),
-               kv_bytes=total_bytes, kv_cache_tensors_size_sum=config_sum, loadavg_1min=load, bytes_per_block=bpb, singles=singles, burst=b)
+               kv_bytes=total_bytes, kv_cache_tensors_size_sum=config_sum, loadavg_1min=load, bytes_per_block=bpb,
+               singles=singles, burst=b)
     del sched, llm
     gc.collect()
     return res
@@ -272,7 +273,8 @@ def report(results: list[dict], meta: dict) -> str:
     stock = results[0]
     hyb = results[1:]
     sb = stock["burst"]
-    lines = [f"# Serving benchmark on CPU: stock vLLM vs HybridKV (same KV-cache bytes)", "",
+    full_blocks = -(-(max(meta["burst_prompt_tokens"]) + meta["max_tokens"]) // BLOCK_SIZE)  # one full-length request
+    lines = ["# Serving benchmark on CPU: stock vLLM vs HybridKV (same KV-cache bytes)", "",
              f"- command: `{meta['command']}`",
              f"- date: {meta['date']} · total wall time: {meta['wall_s'] / 60:.1f} min",
              f"- machine: {meta['cpu']} · `nproc` = {meta['nproc']} (shared with other jobs; timings are noisy)",
@@ -292,8 +294,7 @@ def report(results: list[dict], meta: dict) -> str:
              f"- burst: {meta['n']} text prompts of {min(meta['burst_prompt_tokens'])}-"
              f"{max(meta['burst_prompt_tokens'])} tokens (GPL-3), submitted at once, greedy, {meta['max_tokens']} "
              f"output tokens each (ignore_eos); a request at full length needs "
-             f"{-(-(max(meta['burst_prompt_tokens']) + meta['max_tokens']) // BLOCK_SIZE)} stock blocks, so the "
-             f"stock pool holds ~{stock['num_blocks'] // -(-(max(meta['burst_prompt_tokens']) + meta['max_tokens']) // BLOCK_SIZE)} at once",
+             f"{full_blocks} stock blocks, so the stock pool holds ~{stock['num_blocks'] // full_blocks} at once",
              "- profiles: " + "; ".join(f"{k}: {v[0]}/{v[1]} static heads" for k, v in meta["profiles"].items()),
              "", "## Burst (ratios HybridKV / stock)", "",
              "| metric | stock | " + " | ".join(r["name"] for r in hyb) + " |",
@@ -339,7 +340,8 @@ def report(results: list[dict], meta: dict) -> str:
               "| prompt tokens | metric | stock | " + " | ".join(r["name"] for r in hyb) + " |",
               "|---|---|---|" + "---|" * len(hyb)]
     for i, s in enumerate(stock["singles"]):
-        for label, key, fmt in (("KV held (MiB)", "held_bytes", _mib), ("prefill (s)", "prefill_s", lambda x: f"{x:.2f}"),
+        for label, key, fmt in (("KV held (MiB)", "held_bytes", _mib),
+                                ("prefill (s)", "prefill_s", lambda x: f"{x:.2f}"),
                                 ("decode (ms/token)", "decode_ms_per_token", lambda x: f"{x:.1f}"),
                                 ("decode CPU (ms/token)", "decode_cpu_ms_per_token", lambda x: f"{x:.1f}")):
             cells = [fmt(s[key])] + [fmt(r["singles"][i][key]) + f" ({_ratio(r['singles'][i][key], s[key])})"
@@ -349,7 +351,7 @@ def report(results: list[dict], meta: dict) -> str:
     for r in hyb:
         lines.append(f"- {r['name']}: " + "; ".join(f"{s['prompt_tokens']} tok -> {s['held_blocks_per_group']}"
                                                     for s in r["singles"]))
-    lines.append(f"- stock: " + "; ".join(f"{s['prompt_tokens']} tok -> {s['held_blocks_per_group']}"
+    lines.append("- stock: " + "; ".join(f"{s['prompt_tokens']} tok -> {s['held_blocks_per_group']}"
                                           for s in stock["singles"]))
     lines += ["", "1-min load average at engine start / after singles / after bursts: " + "; ".join(
         f"{r['name']} {', '.join(f'{x:.2f}' for x in r['loadavg_1min'])}" for r in results)]
@@ -418,14 +420,15 @@ def main() -> None:
 
     import torch
     import vllm
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
     meta = dict(command="python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
                 date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 wall_s=time.perf_counter() - t_run, cpu=cpu,
                 nproc=subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
                 vllm=vllm.__version__, torch=torch.__version__, python=platform.python_version(),
-                dtype=args.dtype, n=args.n, reps=args.reps, max_tokens=args.max_tokens, single_tokens=args.single_tokens,
+                dtype=args.dtype, n=args.n, reps=args.reps, max_tokens=args.max_tokens,
+                single_tokens=args.single_tokens,
                 burst_prompt_tokens=burst_tokens, single_prompt_tokens=single_lengths,
                 stock_blocks=args.stock_blocks,
                 env={k: os.environ.get(k, "(unset)") for k in (

@@ -14,12 +14,13 @@ module                 dispatch
 ``compaction``         ``compact(...)``: static heads' kept tokens to the first slots (in place);
                        ``build_chunk_summaries(...)`` / ``summaries_from_table(...)``: per-block kmin / kmax
 ``text_prior``         ``run(q_obs, k, q_pos, scale, out, span)``: observation-window scores at prefill; ``pool``
+``swap_in``            ``run(pool, cold, dst, src, moved)``: dynamic heads' hot-buffer pages from the cold tier
 =====================  =========================================================================================
 
 Decode path: no host synchronisation, no data-dependent shapes (fixed ``k``, ``-1`` padding, workspaces sized from
 shapes), so one step can be captured in a CUDA graph. Numbers: ``benchmarks/results/kernels_h100.md``.
 """
-from . import chunk_scoring, compaction, sparse_decode, text_prior
+from . import chunk_scoring, compaction, sparse_decode, swap_in, text_prior
 from ._triton import HAS_TRITON
 
-__all__ = ["chunk_scoring", "compaction", "sparse_decode", "text_prior", "HAS_TRITON"]
+__all__ = ["chunk_scoring", "compaction", "sparse_decode", "swap_in", "text_prior", "HAS_TRITON"]

@@ -12,7 +12,9 @@ Inputs
     block_table  ``[B, M]`` or ``[B, H, M]`` int32    logical chunk -> physical block (2-D: shared by all heads)
     seq_lens     ``[B]``            int32            tokens in each request's context, the decode token included;
                                                       request ``b`` has ``n_b = ceil(seq_lens[b] / chunk_size)`` chunks
-    k            int                                 fixed number of chunks to keep per (request, head)
+    k            int                                 fixed number of chunks to keep per (request, head): the
+                                                      width of the outputs
+    k_per        ``[B, H]``         int32 (optional) each (request, head)'s own number of chunks (<= k; 0: none)
 Outputs (caller-preallocated, every element written)
     out          ``[B, H, k]``      int32            selected logical chunk indices, ascending, then ``-1`` padding
     out_block_ids``[B, H, k]``      int32 (optional) the physical block of each selected chunk, ``-1`` padding
@@ -26,7 +28,8 @@ Semantics
     Chunks ``c >= n_b`` are never selected. Selection priority (as ``core.selection.select_chunks``): the first
     ``sink_chunks`` (lower index first), then the last ``recent_chunks`` (newest first; the newest holds the decode
     token), then scores descending; ties -> lower index first (``-0.0`` ties with ``0.0``).
-    The selection holds ``min(k, n_b)`` chunks, written ascending; the rest of the row is ``-1``.
+    The selection holds ``min(k, n_b)`` chunks (``min(k_per[b, h], k, n_b)`` with ``k_per``), written ascending;
+    the rest of the row is ``-1``.
     (With ``k < sink_chunks + recent_chunks`` the newest chunk can be dropped: the caller keeps ``k`` >= both.)
 
 No output shape depends on data; no host synchronisation (CUDA-graph safe).
@@ -89,14 +92,16 @@ def _chunk_select_kernel(
     out_ptr,  # [B, H, K] int32
     ids_ptr,  # [B, H, K] int32 (written if WRITE_IDS)
     ntok_ptr,  # [B, H] int32 (written if WRITE_IDS)
+    kper_ptr,  # [B, H] int32 (read if HAS_KPER): each (request, head)'s own k <= K
     M, K,
     stride_sb, stride_sh,
     stride_tb, stride_th, stride_tm,
     stride_ob, stride_oh,
     stride_ib, stride_ih,
     stride_nb, stride_nh,
+    stride_kb, stride_kh,
     CHUNK: tl.constexpr, SINK: tl.constexpr, RECENT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_IDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_IDS: tl.constexpr, HAS_KPER: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -114,6 +119,8 @@ def _chunk_select_kernel(
     key = tl.where(c < SINK, 2147483647 - c, key)
     key = tl.where(valid, key, -2147483648)
     kk = tl.minimum(n_chunks, K)
+    if HAS_KPER:
+        kk = tl.minimum(kk, tl.maximum(tl.load(kper_ptr + b * stride_kb + h * stride_kh), 0))
     # bisection for a threshold T: the largest t with count(key >= t) >= kk (at most 32 steps); it stops early
     # as soon as count(key >= mid) == kk exactly (mid then falls between the kk-th and (kk+1)-th key)
     lo = tl.min(key, axis=0)
@@ -182,7 +189,7 @@ def launch_scores(q, kmin, kmax, block_table, seq_lens, scores, *, chunk_size, b
 
 
 def launch_select(scores, block_table, seq_lens, k, out, *, chunk_size, sink_chunks=1, recent_chunks=1,
-                  out_block_ids=None, out_num_tokens=None, num_warps: int | None = None):
+                  out_block_ids=None, out_num_tokens=None, k_per=None, num_warps: int | None = None):
     """Second kernel: fixed-k selection from ``scores`` into ``out`` (and the block lists)."""
     B, H, M = scores.shape
     bt = table_3d(block_table, H)
@@ -192,18 +199,21 @@ def launch_select(scores, block_table, seq_lens, k, out, *, chunk_size, sink_chu
     ids = out_block_ids if write_ids else out
     ntok = out_num_tokens if write_ids else seq_lens.view(B, 1)
     block_m = next_pow2(M)
+    kper = k_per if k_per is not None else ntok
     _chunk_select_kernel[(B, H)](
-        scores, bt, seq_lens, out, ids, ntok, M, k,
+        scores, bt, seq_lens, out, ids, ntok, kper, M, k,
         scores.stride(0), scores.stride(1), bt.stride(0), bt.stride(1), bt.stride(2),
         out.stride(0), out.stride(1), ids.stride(0), ids.stride(1), ntok.stride(0), ntok.stride(1),
+        kper.stride(0), kper.stride(1),
         CHUNK=chunk_size, SINK=sink_chunks, RECENT=recent_chunks,
-        BLOCK_M=block_m, BLOCK_K=next_pow2(k), WRITE_IDS=write_ids,
+        BLOCK_M=block_m, BLOCK_K=next_pow2(k), WRITE_IDS=write_ids, HAS_KPER=k_per is not None,
         num_warps=num_warps or (4 if block_m <= 1024 else 8),
     )
 
 
 def launch(q, kmin, kmax, block_table, seq_lens, k, out, *, chunk_size, sink_chunks=1, recent_chunks=1,
-           scores=None, out_block_ids=None, out_num_tokens=None, block_c: int = 64, select_warps: int | None = None):
+           scores=None, out_block_ids=None, out_num_tokens=None, k_per=None, block_c: int = 64,
+           select_warps: int | None = None):
     """Triton path; writes ``out`` (and ``out_block_ids`` / ``out_num_tokens`` if given). Returns ``out``."""
     B, Hq, H, D = _check(q, kmin, kmax, block_table, seq_lens, k, out)
     M = block_table.shape[-1]
@@ -212,7 +222,7 @@ def launch(q, kmin, kmax, block_table, seq_lens, k, out, *, chunk_size, sink_chu
     launch_scores(q, kmin, kmax, block_table, seq_lens, scores, chunk_size=chunk_size, block_c=block_c)
     launch_select(scores, block_table, seq_lens, k, out, chunk_size=chunk_size, sink_chunks=sink_chunks,
                   recent_chunks=recent_chunks, out_block_ids=out_block_ids, out_num_tokens=out_num_tokens,
-                  num_warps=select_warps)
+                  k_per=k_per, num_warps=select_warps)
     return out
 
 
@@ -235,7 +245,7 @@ def reference_scores(q, kmin, kmax, block_table, seq_lens=None):
     return s
 
 
-def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunks=1, recent_chunks=1):
+def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunks=1, recent_chunks=1, k_per=None):
     """Returns ``(chunk_idx [B, H, k], block_ids [B, H, k], num_tokens [B, H])``, all int32, ``-1`` padded."""
     B, Hq, D = q.shape
     H = kmin.shape[1]
@@ -261,6 +271,8 @@ def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunk
     order2 = torch.sort(group.expand(B, H, Mp).gather(2, order), dim=2, stable=True).indices
     top = order.gather(2, order2)[:, :, :k]
     kk = torch.minimum(n, torch.full_like(n, k))
+    if k_per is not None:
+        kk = torch.minimum(kk, k_per.to(dev).long().clamp(min=0)[:, :, None])
     j = torch.arange(k, device=dev)[None, None, :]
     big = torch.iinfo(torch.int64).max
     idx = torch.sort(torch.where(j < kk, top, big), dim=2).values
@@ -276,7 +288,7 @@ def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunk
 # Dispatch
 # ----------------------------------------------------------------------------------------------------------------
 def run(q, kmin, kmax, block_table, seq_lens, k, out, *, chunk_size, sink_chunks=1, recent_chunks=1,
-        scores=None, out_block_ids=None, out_num_tokens=None, backend="auto"):
+        scores=None, out_block_ids=None, out_num_tokens=None, k_per=None, backend="auto"):
     """Select ``k`` chunks per (request, KV head) into ``out`` (see the module contract). Returns ``out``.
 
     Triton on CUDA, the PyTorch reference otherwise; both write into the caller's buffers.
@@ -284,10 +296,10 @@ def run(q, kmin, kmax, block_table, seq_lens, k, out, *, chunk_size, sink_chunks
     if use_triton(q, kmin, block_table, out, backend=backend):
         return launch(q, kmin, kmax, block_table, seq_lens, k, out, chunk_size=chunk_size, sink_chunks=sink_chunks,
                       recent_chunks=recent_chunks, scores=scores, out_block_ids=out_block_ids,
-                      out_num_tokens=out_num_tokens)
+                      out_num_tokens=out_num_tokens, k_per=k_per)
     _check(q, kmin, kmax, block_table, seq_lens, k, out)
     idx, ids, ntok = reference(q, kmin, kmax, block_table, seq_lens, k, chunk_size=chunk_size,
-                               sink_chunks=sink_chunks, recent_chunks=recent_chunks)
+                               sink_chunks=sink_chunks, recent_chunks=recent_chunks, k_per=k_per)
     out.copy_(idx)
     if out_block_ids is not None:
         out_block_ids.copy_(ids)

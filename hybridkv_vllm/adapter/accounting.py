@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hybridkv_vllm.adapter import metrics
-from hybridkv_vllm.adapter.tiers import RETRIEVE, kept_blocks
+from hybridkv_vllm.core.tiers import RETRIEVE, kept_blocks
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -1,76 +1,131 @@
-"""The cold tier of dynamic heads: their prompt KV outside vLLM's block pool, retrieved chunk by chunk.
+"""The cold tier of dynamic heads: their prompt KV outside vLLM's block pool, in one pooled allocation.
 
 As in the paper, a dynamic head's full prompt KV leaves the fast pool once the prompt is processed: in the step
-that completes the prompt, the worker copies the head's complete prompt chunks (blocks ``[0, P // bs)``, one
-chunk = one KV block) into a :class:`ColdChunks` entry here, with each chunk's Quest key summary, and the
-budget manager then returns blocks ``[kept, P // bs)`` to vLLM's pool exactly as for a static head. Blocks
-``[0, kept)`` stay in the pool as the head's *hot buffer*: every decode step the query scores the cold summaries,
-and the chunks it selects that are not resident yet are copied into the buffer's slots
-(:func:`plan_swap_in`). The tail block and the generated tokens stay hot, uncounted.
+that completes the prompt, the worker copies the head's complete prompt chunks (blocks ``[0, P // bs)``, one chunk
+= one KV block, stored as a raw page in the attention kernel's own layout) into cold pages here, with each chunk's
+Quest key summary (fp32 min / max per channel), and the budget manager then returns blocks ``[kept, P // bs)`` to
+vLLM's pool exactly as for a static head. Blocks ``[0, kept)`` stay in the pool as the head's *hot buffer*
+(``core/hot_buffer.py``): each decode step the query scores the cold summaries and the chosen chunks that are not
+resident yet are copied in. The tail block and the generated tokens stay hot, uncounted.
 
-On vLLM's CPU build the cold tier is ordinary host memory, so the pool admits more requests while the process
-holds the cold copies beside it; on a GPU the same entries are what host memory holds while HBM keeps only the
-hot buffers. Chunks are stored as raw blocks in the attention kernel's own layout, so a swap-in is a plain
-block copy. Entries live from the step that completes a prompt until the request finishes, is aborted or is
-preempted (it recomputes its prompt, which is offloaded again, when it resumes); ``patches.py`` drops them.
+Storage (one allocation, not a tensor pair per request and head, so that one operation serves every row and head
+of a layer):
+
+* ``pages [capacity, 2 * bs, D]``: K tile then V tile, like one page of a one-head virtual layer;
+* ``kmin``, ``kmax [capacity, D]`` fp32;
+* per request a *slot*: ``table[slot, head, c]`` = the cold page of chunk ``c`` of dynamic head ``head`` (heads
+  numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the chunk hot slot ``j`` holds.
+
+Pages are handed out from a free list and the allocation doubles when it runs out (bounded by ``max_bytes``,
+the ``cold_tier_gib`` setting, when set). Entries live from the step that completes a prompt until the request
+finishes, is aborted or is preempted (it recomputes its prompt, which is offloaded again, when it resumes);
+``patches.py`` releases them. On vLLM's CPU build the cold tier is host memory like the pool itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 
 @dataclass
-class ColdChunks:
-    """One request's prompt chunks of one dynamic head (one virtual layer)."""
-
-    keys: torch.Tensor          # [C, bs, D]: raw key blocks, in the kernel's key layout
-    values: torch.Tensor        # [C, bs, D]
-    kmin: torch.Tensor          # float32 [C, D]: channel-wise min of each chunk's keys
-    kmax: torch.Tensor          # float32 [C, D]
-    resident: list[int]         # hot slot -> the chunk it holds
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.kmin, self.kmax))
+class ColdEntry:
+    slot: int
+    pages: torch.Tensor           # int64 [n]: every page this request holds
+    nbytes: int
 
 
-def plan_swap_in(resident: list[int], chosen: list[int]) -> list[tuple[int, int]]:
-    """``(slot, chunk)`` copies that make the hot slots hold exactly the ``chosen`` chunks (as a set); updates
-    ``resident`` in place. Chunks already resident stay in their slots (no copy); every other chosen chunk goes
-    into a slot whose chunk was not chosen, lowest slot first. Attention does not depend on the order of keys,
-    so the slots need not be sorted."""
-    if len(chosen) != len(resident) or len(set(chosen)) != len(chosen):
-        raise ValueError(f"{len(chosen)} chunks chosen for {len(resident)} hot slots (expected distinct and equal)")
-    wanted, present = set(chosen), set(resident)
-    free = [slot for slot, chunk in enumerate(resident) if chunk not in wanted]
-    missing = [chunk for chunk in chosen if chunk not in present]
-    swaps = list(zip(free, missing))
-    for slot, chunk in swaps:
-        resident[slot] = chunk
-    return swaps
+class ColdTierFull(RuntimeError):
+    """The cold tier cannot take a request without passing its bound."""
 
 
-@dataclass
 class ColdTier:
-    """Every cold entry of this worker: request id -> (layer name, kv head) -> :class:`ColdChunks`."""
+    def __init__(self, block_size: int, head_dim: int, dtype: torch.dtype, num_heads: int,
+                 max_bytes: int | None = None, device: torch.device | str = "cpu") -> None:
+        self.block_size, self.head_dim, self.dtype, self.num_heads = block_size, head_dim, dtype, num_heads
+        self.max_bytes, self.device = max_bytes, torch.device(device)
+        self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
+        self.page_bytes = self.page_kv_bytes + 2 * head_dim * 4           # K and V tiles + fp32 min / max
+        self.pages = torch.empty(0, 2 * block_size, head_dim, dtype=dtype, device=self.device)
+        self.kmin = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
+        self.kmax = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
+        self.free_pages: list[int] = []
+        self.table = torch.full((0, num_heads, 1), -1, dtype=torch.long, device=self.device)
+        self.resident = torch.full((0, num_heads, 1), -1, dtype=torch.long, device=self.device)
+        self.free_slots: list[int] = []
+        self.entries: dict[str, ColdEntry] = {}
+        self.nbytes = 0
 
-    entries: dict[str, dict[tuple[str, int], ColdChunks]] = field(default_factory=dict)
-    nbytes: int = 0
+    # -- capacity
+    def _grow_pages(self, need: int) -> None:
+        have = self.pages.shape[0]
+        if len(self.free_pages) >= need:
+            return
+        new = max(2 * have, have + need - len(self.free_pages), 64)
+        if self.max_bytes is not None:
+            new = min(new, self.max_bytes // self.page_bytes)
+            if new - have + len(self.free_pages) < need:
+                raise ColdTierFull(f"the cold tier needs {need} more pages of {self.page_bytes} B "
+                                   f"({self.nbytes / 2**20:.1f} MiB held, bound {self.max_bytes / 2**30:g} GiB)")
+        grow = new - have
+        self.pages = torch.cat([self.pages, self.pages.new_empty(grow, *self.pages.shape[1:])])
+        self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow, self.head_dim)])
+        self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow, self.head_dim)])
+        self.free_pages.extend(range(new - 1, have - 1, -1))
 
-    def put(self, req_id: str, head: tuple[str, int], chunks: ColdChunks) -> None:
-        old = self.entries.setdefault(req_id, {}).pop(head, None)
-        self.nbytes += chunks.nbytes - (old.nbytes if old is not None else 0)
-        self.entries[req_id][head] = chunks
+    def _grow_slots(self, chunks: int, hot: int) -> None:
+        slots, _, width = self.table.shape
+        hot_width = self.resident.shape[2]
+        if not self.free_slots:
+            extra = max(slots, 8)
+            self.table = torch.cat([self.table, self.table.new_full((extra, self.num_heads, width), -1)])
+            self.resident = torch.cat([self.resident, self.resident.new_full((extra, self.num_heads, hot_width), -1)])
+            self.free_slots.extend(range(slots + extra - 1, slots - 1, -1))
+        if chunks > width:
+            self.table = torch.nn.functional.pad(self.table, (0, chunks - width), value=-1)
+        if hot > hot_width:
+            self.resident = torch.nn.functional.pad(self.resident, (0, hot - hot_width), value=-1)
 
-    def get(self, req_id: str, head: tuple[str, int]) -> ColdChunks | None:
-        return self.entries.get(req_id, {}).get(head)
+    def ensure_hot_width(self, hot: int) -> None:
+        if hot > self.resident.shape[2]:
+            self.resident = torch.nn.functional.pad(self.resident, (0, hot - self.resident.shape[2]), value=-1)
+
+    # -- requests
+    def admit(self, req_id: str, chunks: int, hot: torch.Tensor) -> int:
+        """Give a request a slot and cold pages for ``chunks`` chunks of every dynamic head with ``hot[head] > 0``
+        hot slots; its hot buffers start out holding chunks ``0 .. hot - 1`` (the pool blocks they are).
+        Returns the slot (the request's earlier entry, if any, is released first)."""
+        self.drop([req_id])
+        heads = torch.nonzero(hot > 0).flatten()
+        need = int(heads.numel()) * chunks
+        self._grow_pages(need)
+        self._grow_slots(chunks, int(hot.max()) if hot.numel() else 1)
+        pages = torch.tensor(self.free_pages[len(self.free_pages) - need:][::-1], dtype=torch.long)
+        del self.free_pages[len(self.free_pages) - need:]
+        slot = self.free_slots.pop()
+        self.table[slot] = -1
+        self.table[slot, heads, :chunks] = pages.view(-1, chunks).to(self.device)
+        j = torch.arange(self.resident.shape[2])
+        self.resident[slot] = torch.where(j[None, :] < hot[:, None], j[None, :], -1).to(self.device)
+        entry = ColdEntry(slot, pages, need * self.page_bytes)
+        self.entries[req_id] = entry
+        self.nbytes += entry.nbytes
+        return slot
+
+    def slot_of(self, req_id: str | None) -> int | None:
+        entry = self.entries.get(req_id) if req_id is not None else None
+        return None if entry is None else entry.slot
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:
-            for chunks in self.entries.pop(req_id, {}).values():
-                self.nbytes -= chunks.nbytes
+            entry = self.entries.pop(req_id, None)
+            if entry is None:
+                continue
+            self.free_pages.extend(entry.pages.tolist())
+            self.free_slots.append(entry.slot)
+            self.table[entry.slot] = -1
+            self.resident[entry.slot] = -1
+            self.nbytes -= entry.nbytes
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -13,6 +13,8 @@ Keys (defaults in brackets):
   max_groups         most KV-cache groups the head tiers may use [16]
   cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded]: the engine refuses to
                      start if max_num_seqs x max_model_len could need more (runtime.py)
+  kv_ops             the decode executor's KV-ops implementation: "cpu" (vLLM's CPU kernels) or "triton" (the
+                     project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) ["cpu"]
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hybridkv_vllm.core.errors import BudgetError, ConfigError
 from hybridkv_vllm.core.selection import SelectionConfig
 
 ENV_VAR = "HYBRIDKV_CONFIG"
+KV_OPS = ("cpu", "triton")
 SELECTION_KEYS = ("sink_tokens", "recent_tokens", "obs_window", "pool_kernel", "sink_chunks", "recent_chunks")
 
 
@@ -40,6 +43,7 @@ class HybridKVConfig:
     min_prompt_tokens: int = 256
     max_groups: int = 16
     cold_tier_gib: float | None = None
+    kv_ops: str = "cpu"
     selection: dict[str, int] = field(default_factory=dict)
 
     def budget_config(self, block_size: int) -> BudgetConfig:
@@ -93,8 +97,11 @@ def parse_config(additional_config: dict[str, Any] | None) -> HybridKVConfig:
         min_prompt_tokens=_number(raw, "min_prompt_tokens", int, 256),
         max_groups=_number(raw, "max_groups", int, 16),
         cold_tier_gib=_number(raw, "cold_tier_gib", float, 0) if "cold_tier_gib" in raw else None,
+        kv_ops=raw.get("kv_ops", "cpu"),
         selection={k: _number(raw, k, int, 0) for k in SELECTION_KEYS if k in raw},
     )
+    if cfg.kv_ops not in KV_OPS:
+        raise ConfigError(f"hybridkv.kv_ops={cfg.kv_ops!r}: expected one of {list(KV_OPS)}")
     try:
         cfg.budget_config(block_size=16)
         cfg.selection_config(block_size=16)

@@ -19,7 +19,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from hybridkv_vllm.adapter.tiers import kept_blocks
+from hybridkv_vllm.core.tiers import kept_blocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,7 @@ class HybridKVBudgetSpec(AttentionSpec):
     fraction: float
     floor_blocks: int
     min_prompt_tokens: int
+    tier: int = -1          # the tier's index: tiers with equal budgets stay distinct groups, in the tiers' order
 
     def kept_blocks(self, prompt_len: int) -> int | None:
         return kept_blocks(prompt_len, self.fraction, self.block_size, self.floor_blocks, self.min_prompt_tokens)

@@ -6,7 +6,8 @@ expected shape) and version-checked against the vLLM range this plugin was built
    to vLLM otherwise (encoder layers, the vision tower, every other backend name).
 2. ``GPUModelRunner._build_attention_metadata`` (the V1 runner; the CPU runner inherits it): publishes each
    step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
-   builds attention metadata, because metadata builders are never told which request a row belongs to.
+   builds attention metadata, because metadata builders are never told which request a row belongs to, and
+   once every KV-cache group's builder has added its tier, finishes the step plan (runtime.py) once.
    Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
 3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and preempted
    requests, and zeroes the blocks-held gauges once no request is left (see below).
@@ -82,10 +83,14 @@ def patch_v1_runner_batch_context() -> None:
     @functools.wraps(original)
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
         from hybridkv_vllm.adapter import runtime
-        if runtime._runtime is not None:          # a new object per step: accounting runs once per batch
+        state = runtime._runtime
+        if state is not None:          # a new object per step: the plan and the accounting run once per batch
             rows = [] if kwargs.get("for_cudagraph_capture") else _rows_of(self, num_reqs)
-            runtime._runtime.publish(rows)
-        return original(self, num_tokens, num_reqs, *args, **kwargs)
+            state.publish(rows)
+        result = original(self, num_tokens, num_reqs, *args, **kwargs)
+        if state is not None:          # every group's builder added its tier: plan the step once
+            state.finish_step()
+        return result
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     _applied.add("v1_batch_context")

@@ -1,7 +1,12 @@
-"""Per-process HybridKV state: the validated configuration, the tier plan and the current step's batch.
+"""Per-process HybridKV state: the validated configuration, the tier plan, the current step's plan, the cold tier.
 
 Built once per vLLM process from the ``VllmConfig`` (first use by the attention impl), so every problem
 with the profile, the budget or the flags stops the engine at start-up with a message naming it.
+
+A step: ``patches.py`` publishes the step's rows (request ids, prompt lengths, image spans) before vLLM builds the
+attention metadata; each KV-cache group's builder adds its tier's tables to the step's :class:`StepPlan`
+(:meth:`HybridKVRuntime.plan_for`); once every group is built, :meth:`HybridKVRuntime.finish_step` stacks the
+tiers, admits completing prompts to the cold tier and plans retrieval, once, and publishes the step's metrics.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
 from hybridkv_vllm.adapter.cold_tier import ColdTier
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
-from hybridkv_vllm.adapter.tiers import TierPlan, plan_tiers
+from hybridkv_vllm.adapter.static_heads import ObservationStash
 from hybridkv_vllm.core.budgets import BudgetPlan, allocate
 from hybridkv_vllm.core.errors import ConfigError
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 from hybridkv_vllm.core.selection import SelectionConfig
+from hybridkv_vllm.core.step_plan import StepPlan, plan_rows
+from hybridkv_vllm.core.tiers import RETRIEVE, TierPlan, plan_tiers
 
 logger = logging.getLogger("hybridkv")
 
@@ -58,28 +65,88 @@ class HybridKVRuntime:
     selection: SelectionConfig
     block_size: int
     accounting: StepAccounting
+    kv_ops_kind: str = "cpu"
+    kv_dtype: torch.dtype = torch.float32
     batch: BatchContext = field(default_factory=BatchContext)
-    # (request id, layer name, kv head) -> {position: query [G, D]}: observation-window queries of prompt
-    # chunks that ended before their prompt did (chunked prefill); consumed when the prompt completes.
-    obs_stash: dict = field(default_factory=dict)
-    cold: ColdTier = field(default_factory=ColdTier)      # dynamic heads' prompt chunks (cold_tier.py)
+    # observation-window queries of prompt chunks that ended before their prompt did (chunked prefill)
+    obs_stash: ObservationStash = field(default_factory=ObservationStash)
+    cold: ColdTier | None = None           # dynamic heads' prompt chunks (cold_tier.py)
+    step: StepPlan | None = None
+    _step_batch: object = None
+
+    def __post_init__(self) -> None:
+        # the model's dynamic heads, numbered layer by layer: their rows in the cold tier, and their tiers
+        modes = self.tiers.modes
+        self.cold_index = [[-1] * len(layer) for layer in modes]
+        dynamic_tiers = []
+        for layer, heads in enumerate(modes):
+            for head, mode in enumerate(heads):
+                if mode == RETRIEVE:
+                    self.cold_index[layer][head] = len(dynamic_tiers)
+                    dynamic_tiers.append(self.tiers.tier_of[layer][head])
+        self.dynamic_tiers = torch.tensor(dynamic_tiers, dtype=torch.long)
+        self.loads = torch.zeros((), dtype=torch.long)       # chunks swapped in, summed on the device
+        self.bind_cold_tier(self.profile.model.head_dim, self.kv_dtype, "cpu")
+
+    def bind_cold_tier(self, head_dim: int, dtype: torch.dtype, device) -> ColdTier:
+        if self.cold is None or self.cold.dtype != dtype or self.cold.device != torch.device(device):
+            max_bytes = None if self.config.cold_tier_gib is None else int(self.config.cold_tier_gib * 2**30)
+            self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device)
+        return self.cold
 
     def publish(self, rows: list[RowContext]) -> None:
         """Start a step: its rows; stashed queries of requests no longer scheduled are dropped."""
         self.batch = BatchContext(rows)
-        live = {row.req_id for row in rows}
-        for key in [k for k in self.obs_stash if k[0] not in live]:
-            del self.obs_stash[key]
+        self.obs_stash.drop(live={row.req_id for row in rows})
+
+    def plan_for(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int,
+                 num_tokens: int) -> StepPlan:
+        """The step plan of the batch being built (made by the first KV-cache group's builder)."""
+        if self.step is None or self._step_batch is not self.batch:
+            cfg, rows = self.config, self.batch.rows
+            plan_rows_ = plan_rows([rows[r].req_id if r < len(rows) else None for r in range(num_reqs)],
+                                   [self.batch.prompt_len(r) for r in range(num_reqs)],
+                                   query_start_loc.tolist()[:num_reqs + 1], seq_lens.tolist()[:num_reqs],
+                                   self.block_size, cfg.floor_blocks, cfg.min_prompt_tokens)
+            self.step = StepPlan(plan_rows_, num_tokens, query_start_loc[:num_reqs + 1], self.block_size)
+            self._step_batch = self.batch
+        return self.step
+
+    def finish_step(self, plan: StepPlan | None = None) -> None:
+        """Once per step, after every group was built: admit completing prompts to the cold tier, stack the
+        tiers, plan retrieval, publish the step's figures."""
+        plan = plan or self.step
+        if plan is None or plan.finalized:
+            return
+        bs = self.block_size
+        cold = self.cold
+        for r, row in enumerate(plan.rows):
+            if row.compressed and row.completes_prompt and row.req_id is not None:
+                cold.admit(row.req_id, row.prompt_len // bs, self.kept_of_tiers(plan, r)[self.dynamic_tiers])
+        plan.finalize(len(self.tiers.tiers), cold.slot_of)
+        if plan.decode is not None:
+            cold.ensure_hot_width(plan.decode.k_max)
+            dyn_k = plan.decode.k[self.dynamic_tiers]                                # [Hdyn, Rr]
+            self.accounting.chunks_scored += int(((dyn_k > 0) * (plan.decode.chunk_tokens // bs)).sum())
+        loads = int(self.loads)
+        if loads:
+            self.loads.zero_()
+            self.accounting.chunk_loads += loads
+            self.accounting.swap_in_bytes += loads * cold.page_kv_bytes
+        self.accounting.observe(self.batch, plan.rows, cold.nbytes)
+
+    @staticmethod
+    def kept_of_tiers(plan: StepPlan, row: int) -> torch.Tensor:
+        return torch.stack([plan.groups[t].kept[row] for t in range(len(plan.groups))])
 
     def held_request_ids(self) -> set[str]:
         """Requests the worker holds state for (cold-tier entries, stashed observation queries)."""
-        return set(self.cold.entries) | {key[0] for key in self.obs_stash}
+        return set(self.cold.entries) | self.obs_stash.request_ids()
 
     def release(self, req_ids: set[str]) -> None:
         """Drop what the worker holds for these requests (finished, aborted, or preempted to be recomputed)."""
         self.cold.drop(req_ids)
-        for key in [k for k in self.obs_stash if k[0] in req_ids]:
-            del self.obs_stash[key]
+        self.obs_stash.drop(gone=set(req_ids))
 
 
 _runtime: HybridKVRuntime | None = None
@@ -164,7 +231,7 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
                              profile.model.fingerprint)
     return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
                            selection=config.selection_config(block_size), block_size=block_size,
-                           accounting=accounting)
+                           accounting=accounting, kv_ops_kind=config.kv_ops, kv_dtype=vllm_config.model_config.dtype)
 
 
 def _key(vllm_config) -> str:

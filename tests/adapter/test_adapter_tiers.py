@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv_vllm.adapter.tiers import PRUNED, RETRIEVE, kept_blocks, plan_tiers
+from hybridkv_vllm.core.tiers import PRUNED, RETRIEVE, kept_blocks, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 

@@ -10,7 +10,7 @@ import torch
 from vllm import SamplingParams
 
 from hybridkv_vllm.adapter import runtime
-from hybridkv_vllm.adapter.tiers import plan_tiers
+from hybridkv_vllm.core.tiers import plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
 

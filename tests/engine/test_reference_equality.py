@@ -8,7 +8,7 @@ import pytest
 from vllm import SamplingParams
 
 from hybridkv_vllm.adapter import metrics
-from hybridkv_vllm.adapter.tiers import TieredPolicy, plan_tiers
+from hybridkv_vllm.core.tiers import TieredPolicy, plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
 from hybridkv_vllm.core.selection import SelectionConfig

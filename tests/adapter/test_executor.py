@@ -1,0 +1,245 @@
+"""The per-layer decode step (adapter/executor.py) against the core, with both KV-ops implementations, no engine.
+
+A synthetic layer (3 KV heads in 3 tiers: two dynamic, one static; GQA 2) holds requests whose prompts were
+processed as the backend leaves them: dynamic heads' complete chunks in the cold tier and chunks ``0 .. kept - 1``
+in their hot buffers, static heads' kept tokens in blocks ``[0, kept)``, freed blocks filled with garbage. Two
+decode steps then run through :func:`run_layer`; every (row, head) must equal the core reference's attention over
+the chunks ``core.selection`` selects (dynamic) or the kept tokens (static), plus the hot tail.
+
+The same step runs under a dispatch guard (``torch.utils._python_dispatch.TorchDispatchMode``): any operation that
+reads a tensor's value on the host (``aten._local_scalar_dense``: ``.item()``, ``.tolist()``, ``bool()``) or whose
+output shape depends on data (``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``) fails the test,
+and the operations issued for one row must be the same as for three (nothing per row).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hybridkv_kernels as hk
+from hybridkv_vllm.adapter.cold_tier import ColdTier
+from hybridkv_vllm.adapter.executor import run_layer
+from hybridkv_vllm.adapter.kv_ops import CpuKVOps, LayerHeads, TritonKVOps
+from hybridkv_vllm.core.reference import sparse_decode_attention
+from hybridkv_vllm.core.selection import SelectionConfig, chunk_summaries, score_chunks, select_chunks
+from hybridkv_vllm.core.step_plan import StepPlan, plan_rows, rewrite_group
+
+BS, D, H, G, NB = 32, 32, 3, 2, 80
+KEPT = [3, 2, 4]                         # blocks kept by tier t = head t
+DYNAMIC, STATIC = [0, 2], [1]
+SCALE = D ** -0.5
+SEL = SelectionConfig(chunk_size=BS)
+
+
+class Layer:
+    _k_scale_float = 1.0
+    _v_scale_float = 1.0
+
+
+def make_ops(kind: str):
+    if kind == "triton":
+        pytest.importorskip("triton")
+        return TritonKVOps(BS, D, torch.float32, SEL)
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from hybridkv_vllm.adapter import cpu_layout
+    isa = _get_attn_isa(torch.float32, BS, D, "auto")
+    return CpuKVOps(BS, D, torch.float32, SEL, isa=isa, kv_cache_dtype="auto",
+                    key_perm=cpu_layout.key_layout(isa, torch.float32, BS, D))
+
+
+def heads_of_layer() -> LayerHeads:
+    return LayerHeads(tiers=torch.arange(H), base=torch.arange(H) * NB, stride=torch.ones(H, dtype=torch.long),
+                      dynamic=torch.tensor(DYNAMIC), cold_heads=torch.arange(len(DYNAMIC)),
+                      static=torch.tensor(STATIC), signature=tuple(range(H)))
+
+
+def build(ops, num_rows: int, seed: int):
+    """State after prefill plus the plan of one decode step of ``num_rows`` rows."""
+    g = torch.Generator().manual_seed(seed)
+    heads = heads_of_layer()
+    pool = torch.randn(H * NB, 2 * BS, D, generator=g)           # garbage everywhere until written
+    cold = ColdTier(BS, D, torch.float32, len(DYNAMIC))
+    prompt_lens = [int(torch.randint(260, 420, (1,), generator=g)) for _ in range(num_rows)]
+    seq_lens = [p + int(torch.randint(1, 40, (1,), generator=g)) for p in prompt_lens]
+    width = max(-(-s // BS) for s in seq_lens)
+    tables = torch.zeros(H, num_rows, width, dtype=torch.int32)
+    for t in range(H):
+        ids = torch.randperm(NB - 1, generator=g)[:num_rows * width] + 1
+        tables[t] = ids.view(num_rows, width).int()
+    k_all = [torch.randn(s, H, D, generator=g) for s in seq_lens]
+    v_all = [torch.randn(s, H, D, generator=g) for s in seq_lens]
+    kept_positions = {}
+    for r, (p, s) in enumerate(zip(prompt_lens, seq_lens)):
+        c = p // BS
+        for h in range(H):
+            pages = heads.base[h] + tables[h, r].long()
+            kh, vh = k_all[r][:, h], v_all[r][:, h]
+            tail = torch.arange(c * BS, (s - 1) // BS * BS + BS)                  # the current token: garbage
+            tail_k, tail_v = kh[tail.clamp(max=s - 1)], vh[tail.clamp(max=s - 1)]
+            ops.write_pages(pool, pages[c:c + len(tail) // BS], tail_k.view(-1, BS, D), tail_v.view(-1, BS, D))
+            if h in STATIC:
+                chosen = torch.sort(torch.randperm(c * BS, generator=g)[:KEPT[h] * BS]).values
+                kept_positions[r, h] = chosen
+                ops.write_pages(pool, pages[:KEPT[h]], kh[chosen].view(-1, BS, D), vh[chosen].view(-1, BS, D))
+            else:
+                ops.write_pages(pool, pages[:KEPT[h]], kh[:KEPT[h] * BS].view(-1, BS, D),
+                                vh[:KEPT[h] * BS].view(-1, BS, D))
+        slot = cold.admit(f"r{r}", c, torch.tensor([KEPT[h] for h in DYNAMIC]))
+        for i, h in enumerate(DYNAMIC):
+            pages = cold.table[slot, i, :c]
+            kh, vh = k_all[r][:c * BS, h], v_all[r][:c * BS, h]
+            ops.write_pages(cold.pages, pages, kh.view(c, BS, D), vh.view(c, BS, D))
+            kmin, kmax = chunk_summaries(kh[None], BS)
+            cold.kmin[pages], cold.kmax[pages] = kmin[0], kmax[0]
+    qsl = list(range(num_rows + 1))
+    rows = plan_rows([f"r{r}" for r in range(num_rows)], prompt_lens, qsl, seq_lens, BS, 2, 256)
+    plan = StepPlan(rows, num_rows, torch.tensor(qsl, dtype=torch.int32), BS)
+    for t in range(H):
+        slots = torch.stack([tables[t, r, (s - 1) // BS].long() * BS + (s - 1) % BS for r, s in enumerate(seq_lens)])
+        plan.add_group(t, rewrite_group(rows, tables[t], torch.tensor(seq_lens, dtype=torch.int32), slots,
+                                        lambda p, kept=KEPT[t]: kept, BS))
+    plan.finalize(H, cold.slot_of)
+    new_kv = (torch.stack([k[-1] for k in k_all]), torch.stack([v[-1] for v in v_all]))
+    return plan, heads, pool, cold, k_all, v_all, kept_positions, new_kv
+
+
+def expected(q, plan, k_all, v_all, kept_positions):
+    out = []
+    for r, row in enumerate(plan.rows):
+        c, s = row.prompt_len // BS, row.seq_len
+        positions = []
+        for h in range(H):
+            if h in STATIC:
+                prompt = kept_positions[r, h]
+            else:
+                kmin, kmax = chunk_summaries(k_all[r][:c * BS, h][None], BS)
+                scores = score_chunks(q[r, h * G:(h + 1) * G], kmin, kmax)
+                chunks = select_chunks(scores, c, KEPT[h], SEL)[0]
+                prompt = (chunks[:, None] * BS + torch.arange(BS)).flatten()
+            positions.append(torch.cat([prompt, torch.arange(c * BS, s)]))
+        out.append(sparse_decode_attention(q[r], k_all[r], v_all[r], positions, SCALE))
+    return torch.stack(out)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["cpu", "triton"])
+def test_decode_step_equals_the_core_reference(kind):
+    ops = make_ops(kind)
+    plan, heads, pool, cold, k_all, v_all, kept_positions, new_kv = build(ops, 3, seed=1)
+    loads = torch.zeros((), dtype=torch.long)
+    g = torch.Generator().manual_seed(7)
+    for step in range(2):                          # the second step starts from the first one's hot buffers
+        q = torch.randn(3, H * G, D, generator=g)
+        out = torch.zeros_like(q)
+        run_layer(ops, plan, heads, pool, cold, q, new_kv, out, SCALE, Layer, loads)
+        torch.testing.assert_close(out, expected(q, plan, k_all, v_all, kept_positions), atol=2e-5, rtol=1e-4)
+    assert int(loads) > 0                          # chunks were swapped in from the cold tier
+
+
+class Guard(TorchDispatchMode):
+    """Records every aten operation; host reads and data-dependent output shapes are errors."""
+
+    # ops that only view, or copy for a layout torch chose from the shapes (a [1, ...] transpose is a view, a
+    # [3, ...] one is not): left out of the comparison, which is about computation repeated per row
+    LAYOUT = {"aten.view", "aten._unsafe_view", "aten.clone", "aten._to_copy", "aten.expand", "aten.alias",
+              "aten.transpose", "aten.t", "aten.permute", "aten.squeeze", "aten.unsqueeze", "aten.slice",
+              "aten.select", "aten.as_strided", "aten.reshape", "aten.contiguous", "aten.detach", "aten.lift_fresh"}
+    FORBIDDEN = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
+                 "aten._unique", "aten.item")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith(self.FORBIDDEN):
+            raise AssertionError(f"the per-layer step ran {func}: a host read or a data-dependent shape")
+        if name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+                raise AssertionError(f"the per-layer step indexed with a boolean mask ({func})")
+        if name not in self.LAYOUT:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def guarded_ops(kind: str, num_rows: int) -> list[str]:
+    ops = make_ops(kind)
+    plan, heads, pool, cold, _, _, _, new_kv = build(ops, num_rows, seed=num_rows)
+    q = torch.randn(num_rows, H * G, D)
+    with Guard() as guard:
+        run_layer(ops, plan, heads, pool, cold, q, new_kv, torch.zeros_like(q), SCALE, Layer,
+                  torch.zeros((), dtype=torch.long))
+    return guard.ops
+
+
+@pytest.fixture
+def record_triton_launches(monkeypatch):
+    """Kernel launches are replaced so that the guard sees the Python around them (the interpreter itself reads
+    tensors on the host, as a GPU launch never does): attention and swap-in do nothing, chunk selection writes its
+    reference's result (later indexing reads it)."""
+    for module in (hk.swap_in, hk.sparse_decode):
+        monkeypatch.setattr(module, "launch", lambda *args, **kwargs: None)
+
+    def select(q, kmin, kmax, block_table, seq_lens, k, out, **kwargs):
+        kwargs = {key: kwargs[key] for key in ("chunk_size", "sink_chunks", "recent_chunks", "k_per")}
+        out.copy_(hk.chunk_scoring.reference(q, kmin, kmax, block_table, seq_lens, k, **kwargs)[0])
+    monkeypatch.setattr(hk.chunk_scoring, "launch", select)
+
+
+@pytest.mark.triton
+def test_cpu_layer_step_never_reads_the_host_and_issues_the_same_ops_for_one_row_and_three(monkeypatch):
+    from vllm import _custom_ops
+    calls = []
+    for name in ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache"):
+        original = getattr(_custom_ops, name)
+        monkeypatch.setattr(_custom_ops, name, lambda *a, _n=name, _f=original, **k: (calls.append(_n), _f(*a, **k)))
+    one, three = guarded_ops("cpu", 1), guarded_ops("cpu", 3)
+    assert one == three
+    # every KV head of the layer, every row: one vLLM kernel call each for writing and for attending
+    assert sorted(calls) == sorted(["cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache"] * 2)
+
+
+@pytest.mark.triton
+def test_triton_layer_step_never_reads_the_host_and_issues_the_same_ops_for_one_row_and_three(
+        record_triton_launches):
+    pytest.importorskip("triton")
+    assert guarded_ops("triton", 1) == guarded_ops("triton", 3)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["cpu", "triton"])
+def test_summaries_equal_the_core(kind):
+    ops = make_ops(kind)
+    cold = ColdTier(BS, D, torch.float32, 1)
+    slot = cold.admit("r", 5, torch.tensor([2]))
+    pages = cold.table[slot, 0, :5]
+    k = torch.randn(5 * BS, D)
+    ops.write_pages(cold.pages, pages, k.view(5, BS, D), torch.randn(5, BS, D))
+    ops.summaries(cold, pages)
+    kmin, kmax = chunk_summaries(k[None], BS)
+    torch.testing.assert_close(cold.kmin[pages], kmin[0])
+    torch.testing.assert_close(cold.kmax[pages], kmax[0])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["cpu", "triton"])
+def test_compaction_moves_the_kept_tokens_to_the_first_blocks(kind):
+    ops = make_ops(kind)
+    pool = torch.randn(2 * NB, 2 * BS, D)
+    pages = torch.stack([torch.randperm(NB - 1)[:6] + 1, torch.randperm(NB - 1)[:6] + 1 + NB])   # [2, 6]
+    k, v = (torch.randn(2, 6 * BS, D) for _ in range(2))
+    for h in range(2):
+        ops.write_pages(pool, pages[h], k[h].view(6, BS, D), v[h].view(6, BS, D))
+    kept = torch.stack([torch.sort(torch.randperm(6 * BS)[:2 * BS]).values,
+                        torch.sort(torch.randperm(6 * BS)[:2 * BS]).values])
+    num_kept = torch.tensor([2 * BS, BS])
+    ops.compact(pool, pages, kept, num_kept)
+    for h in range(2):
+        n = int(num_kept[h])
+        got_k, got_v = ops.read_pages(pool, pages[h, :n // BS])
+        torch.testing.assert_close(got_k.reshape(-1, D), k[h, kept[h, :n]])
+        torch.testing.assert_close(got_v.reshape(-1, D), v[h, kept[h, :n]])
