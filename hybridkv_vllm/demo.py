@@ -121,7 +121,7 @@ def report(answer: str, sample: dict[str, float], usage) -> None:
         print(f"cold tier          {cold / 2**20:8.2f} MiB of dynamic-head prompt KV outside the pool "
               "(host memory on GPU machines)")
     elif "hybridkv:kv_blocks_held" not in sample:
-        print("no hybridkv metrics on /metrics (is PROMETHEUS_MULTIPROC_DIR set for the server?)")
+        print("no hybridkv metrics on /metrics (see the server log for a `hybridkv:` warning)")
     else:
         print("the request was not compressed (prompt shorter than min_prompt_tokens?)")
     usage_perc = sample.get("vllm:kv_cache_usage_perc")
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     port, name = free_port(), args.model.name
     workdir = Path(tempfile.mkdtemp(prefix="hybridkv-demo-"))
     log = workdir / "server.log"
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(workdir / "prom"), HF_HUB_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1")
+    # No PROMETHEUS_MULTIPROC_DIR: the plugin turns multiprocess mode on itself in `vllm serve` (a fresh directory).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")     # GiB of KV cache on the CPU build
-    (workdir / "prom").mkdir()
     cmd = serve_command(args.model, args.profile, args.budget, port, name)
     print("$ " + " ".join(cmd[2:]).replace("vllm.entrypoints.cli.main", "vllm"), flush=True)
     with open(log, "w") as out:

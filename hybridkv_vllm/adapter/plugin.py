@@ -23,15 +23,56 @@ def _is_api_server_main() -> bool:
 
 
 def _share_metrics_across_processes() -> None:
-    """Engine-core and worker metrics reach ``/metrics`` only in Prometheus multiprocess mode, which must be on
-    before prometheus_client creates any value; vLLM turns it on only for several API servers."""
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or not _is_api_server_main():
+    """Turn on Prometheus multiprocess mode in ``vllm serve``'s API-server process, with no setting by the user.
+
+    The plugin's counters and gauges are written in the engine-core process (and workers), but ``/metrics`` is
+    served by the API server: they reach it only in prometheus_client's multiprocess mode, which vLLM turns on
+    itself only for ``--api-server-count`` > 1 (``run_multi_api_server`` in vllm/entrypoints/cli/serve.py).
+
+    prometheus_client picks its value class once, from ``PROMETHEUS_MULTIPROC_DIR``, when ``prometheus_client.values``
+    is first imported, and the ``vllm`` CLI imports it at start-up (vllm/entrypoints/cli/main.py imports the
+    subcommand modules, which import vllm/v1/metrics/perf.py), well before general plugins load (while ``serve``
+    builds its parser: ``AsyncEngineArgs.add_cli_args`` -> ``load_general_plugins``). Setting the variable here
+    is therefore not enough by itself. But prometheus_client's metric classes look ``values.ValueClass`` up each
+    time they create a value, and at this point no metric has been registered in this process yet; so set the
+    variable (vLLM's own ``setup_multiprocess_prometheus``: a fresh temporary directory, removed at exit) and pick
+    the value class again. The engine core and workers are spawned later and inherit the variable, so they start
+    in multiprocess mode; vLLM's ``/metrics`` then reads every process's files (``get_prometheus_registry``).
+    If a metric already exists (a future vLLM creating one at import time), switching would hide it from
+    ``/metrics``: then nothing is switched and a warning says to set the variable.
+    """
+    if ("PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+            or not _is_api_server_main()):
         return
-    if "prometheus_client.values" in sys.modules:
-        logger.warning("hybridkv: set PROMETHEUS_MULTIPROC_DIR to a fresh directory to see the plugin's metrics")
-        return
+    from prometheus_client import values
     from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
-    setup_multiprocess_prometheus()
+
+    existing = _metrics_already_registered(values)
+    if existing:
+        logger.warning("hybridkv: set PROMETHEUS_MULTIPROC_DIR to a fresh directory to see the plugin's metrics "
+                       "(metrics exist before the plugin could turn multiprocess mode on: %s)",
+                       ", ".join(existing[:5]))
+        return
+    try:
+        setup_multiprocess_prometheus()             # sets the variable only once its directory exists
+    except OSError as err:                          # no writable temp dir (e.g. a read-only root, no /tmp mount)
+        logger.warning("hybridkv: no Prometheus multiprocess directory (%s); set PROMETHEUS_MULTIPROC_DIR to a "
+                       "fresh directory to see the plugin's metrics", err)
+        return
+    values.ValueClass = values.get_value_class()
+
+
+def _metrics_already_registered(values) -> list[str]:
+    """Names of the metrics in prometheus_client's default registry (what ``/metrics`` would stop showing once the
+    value class switches); ``["<unknown>"]`` when this prometheus_client does not look like the one checked."""
+    from prometheus_client import REGISTRY, metrics
+
+    collectors = getattr(REGISTRY, "_collector_to_names", None)
+    if (not isinstance(collectors, dict) or getattr(metrics, "values", None) is not values
+            or not callable(getattr(values, "get_value_class", None))):
+        return ["<unknown>"]
+    return sorted(name for collector, names in list(collectors.items())
+                  if isinstance(collector, metrics.MetricWrapperBase) for name in names)
 
 
 def backend_member():

@@ -57,6 +57,13 @@ def test_final_user_is_non_root_and_entrypoint_is_vllm_serve():
     assert re.search(r"^EXPOSE 8000$", text, re.M)
 
 
+
+def test_image_leaves_the_prometheus_multiproc_dir_to_the_plugin():
+    """`vllm serve` in this image shows the plugin's metrics with no setting: the plugin makes a fresh Prometheus
+    multiprocess directory per server process (hybridkv_vllm/adapter/plugin.py). An image-wide
+    PROMETHEUS_MULTIPROC_DIR would be shared by every run in a container and never wiped (vLLM warns about that)."""
+    assert "prometheus_multiproc_dir" not in DOCKERFILE.read_text().lower()
+
 def test_dockerignore_keeps_what_copy_needs():
     ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")]

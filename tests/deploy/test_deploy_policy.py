@@ -132,6 +132,24 @@ def test_profile_configmap_name_is_content_hashed(overlay):
     assert any(re.fullmatch(r"hybridkv-profile-[a-z0-9]{10}", n) for n in names), names
 
 
+
+def test_plugin_metrics_need_no_multiproc_dir_setting(overlay):
+    """The plugin's metrics reach /metrics with nothing set here: in `vllm serve` the plugin turns Prometheus
+    multiprocess mode on itself, in a fresh temporary directory per server process that vLLM removes at exit
+    (hybridkv_vllm/adapter/plugin.py; tests/engine/test_metrics_plain_serve.py runs the README's plain command).
+    A PROMETHEUS_MULTIPROC_DIR set in the pod would instead point at a volume that outlives the container (an
+    emptyDir lives as long as the pod): after a container restart the dead processes' files would still be read,
+    their counters summed into the new ones. The temporary directory needs a writable temp dir: with a read-only
+    root filesystem, $TMPDIR (default /tmp) must be a writable mount."""
+    _, objs = overlay
+    c = container(objs)
+    assert c["command"] == ["vllm", "serve"], "the plugin switches the mode for the `vllm serve` process"
+    assert not {"PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir"} & set(env(c))
+    if (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+        tmp = env(c).get("TMPDIR", {}).get("value", "/tmp").rstrip("/")
+        assert any(tmp == vm["mountPath"].rstrip("/") and not vm.get("readOnly") for vm in c["volumeMounts"]), (
+            f"read-only root filesystem and no writable volume at {tmp}: the plugin cannot share its metrics")
+
 # --- probes, shm, cache, resources ------------------------------------------------------------------------------
 
 def test_probes_hit_health_on_the_serving_port(overlay):
