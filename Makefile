@@ -18,11 +18,14 @@ setup:
 demo: setup
 	$(PY) -m hybridkv_vllm.demo
 
-# TRITON_INTERPRET=1: the Triton kernels run on the CPU interpreter (vLLM's CPU build ignores Triton either way).
+# ruff first (seconds); TRITON_INTERPRET=1: the Triton kernels run on the CPU interpreter (vLLM's CPU build ignores
+# Triton either way).
 test: setup
+	$(PY) -m ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 test-fast: setup
+	$(PY) -m ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not engine" tests
 
 clean:

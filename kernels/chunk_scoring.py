@@ -252,24 +252,21 @@ def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunk
     bt = table_3d(block_table, H)
     M = bt.shape[2]
     s = reference_scores(q, kmin, kmax, bt)
-    Mp = max(M, k)
-    if Mp > M:
-        s = torch.cat([s, s.new_zeros(B, H, Mp - M)], dim=2)
     dev = q.device
-    c = torch.arange(Mp, device=dev)[None, None, :]
+    c = torch.arange(M, device=dev)
     seq = seq_lens.to(dev).long()[:, None, None]
     n = (seq + chunk_size - 1) // chunk_size
-    valid = (c < n) & (c < M)
-    # (group, key) ascending, exactly core.selection._priority_select: sinks by index, recent newest first,
-    # the rest by descending score, invalid last; stable sorts keep the lower index first on ties
-    recent = valid & (c >= n - recent_chunks)
-    sink = valid & (c < sink_chunks)
-    cf = c.double().expand(B, H, Mp)
-    group = torch.where(sink, 0, torch.where(recent, 1, torch.where(valid, 2, 3)))
-    key = torch.where(sink, cf, torch.where(recent, -cf, torch.where(valid, -s.double(), cf)))
-    order = torch.sort(key, dim=2, stable=True).indices
-    order2 = torch.sort(group.expand(B, H, Mp).gather(2, order), dim=2, stable=True).indices
-    top = order.gather(2, order2)[:, :, :k]
+    valid = c < n
+    # One descending sort on a composite key, exactly core.selection._priority_select: sinks (lower index first)
+    # above recent chunks (newest first) above scores, invalid last; the sort is stable, so equal scores keep the
+    # lower index first (-0.0 ties with 0.0). Forced keys sit far above any score: 1e200 * (2 .. 4).
+    cf = c.double() / M
+    key = torch.where(valid, s.double(), float("-inf"))
+    key = torch.where(valid & (c >= n - recent_chunks), 1e200 * (2 + cf), key)
+    key = torch.where(valid & (c < sink_chunks), 1e200 * (4 - cf), key)
+    top = torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :k]
+    if top.shape[2] < k:
+        top = torch.cat([top, top.new_zeros(B, H, k - top.shape[2])], dim=2)
     kk = torch.minimum(n, torch.full_like(n, k))
     if k_per is not None:
         kk = torch.minimum(kk, k_per.to(dev).long().clamp(min=0)[:, :, None])

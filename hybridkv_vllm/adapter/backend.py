@@ -73,8 +73,9 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
               fast_build: bool = False) -> HybridKVMetadata:
         cm = common_attn_metadata
         plan = self.runtime.plan_for(cm.query_start_loc_cpu, cm.seq_lens.cpu(), cm.num_reqs, cm.num_actual_tokens)
-        plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
-                                                self.spec.kept_blocks, self.spec.block_size))
+        if not plan.has_group(self.tier):        # a tier's layers may form several attention groups: one table
+            plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
+                                                    self.spec.kept_blocks, self.spec.block_size))
         return HybridKVMetadata(plan=plan, num_actual_tokens=cm.num_actual_tokens)
 
 
@@ -165,11 +166,12 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             dynamic = [h for h, mode in enumerate(modes) if mode == RETRIEVE]
             tiers = tuple(runtime.tiers.tier_of[index])
             self.heads = LayerHeads(
-                tiers=torch.tensor(tiers), base=torch.tensor(base), stride=torch.tensor(stride),
+                index=index, tiers=torch.tensor(tiers), base=torch.tensor(base), stride=torch.tensor(stride),
                 dynamic=torch.tensor(dynamic, dtype=torch.long),
-                cold_heads=torch.tensor([runtime.cold_index[index][h] for h in dynamic], dtype=torch.long),
+                cold_start=runtime.cold_index[index][dynamic[0]] if dynamic else 0,
                 static=torch.tensor([h for h, mode in enumerate(modes) if mode == PRUNED], dtype=torch.long),
                 signature=tiers)
+            runtime.layers[index] = self.heads
             runtime.bind_cold_tier(self.head_size, kv_cache.dtype, kv_cache.device)
             self._bound = (key, pool_of(kv_cache, self.runtime.block_size, self.head_size))
         return self._bound[1]
@@ -188,13 +190,14 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         n, h, d = attn_metadata.num_actual_tokens, self.num_kv_heads, self.head_size
         q = query[:n].view(n, h * self.group, d)
         kv = None if key is None else (key[:n].view(n, h, d), value[:n].view(n, h, d))
-        run_layer(self.ops, plan, self.heads, pool, self.runtime.cold, q, kv, output[:n].view(n, h * self.group, d),
-                  self.scale, layer, self.runtime.loads)
+        step = self.runtime.layer_step(plan, self.heads)
+        run_layer(self.ops, plan, self.heads, step, pool, self.runtime.cold, q, kv,
+                  output[:n].view(n, h * self.group, d), self.scale, layer, self.runtime.loads)
         if plan.prefill_rows or plan.completing:
-            self._prompt_work(plan, pool, q)
+            self._prompt_work(plan, step, pool, q)
         return output
 
-    def _prompt_work(self, plan, pool, q) -> None:
+    def _prompt_work(self, plan, step, pool, q) -> None:
         """Steps that complete a compressed prompt (once per request): prune static heads, offload dynamic ones."""
         runtime, heads = self.runtime, self.heads
         if heads.static.numel():
@@ -207,9 +210,9 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 rows = runtime.batch.rows
                 visual = rows[r].visual_mask(plan.rows[r].prompt_len) if r < len(rows) else \
                     torch.zeros(plan.rows[r].prompt_len, dtype=torch.bool)
-                static_heads.prune(self.ops, plan, heads, pool, q, r, self.layer_name, runtime.obs_stash, visual,
-                                   runtime.selection, self.scale)
-            dynamic_heads.offload(self.ops, plan, heads, pool, runtime.cold, r)
+                static_heads.prune(self.ops, plan, heads, step, pool, q, r, self.layer_name, runtime.obs_stash,
+                                   visual, runtime.selection, self.scale)
+            dynamic_heads.offload(self.ops, plan, heads, step, pool, runtime.cold, r)
         runtime.accounting.compress_seconds += time.perf_counter() - started
 
 

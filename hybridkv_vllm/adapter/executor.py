@@ -15,18 +15,18 @@ from __future__ import annotations
 import torch
 
 from hybridkv_vllm.adapter import dynamic_heads
-from hybridkv_vllm.adapter.kv_ops import KVOps, LayerHeads
+from hybridkv_vllm.adapter.kv_ops import KVOps, LayerHeads, LayerStep
 from hybridkv_vllm.core.step_plan import StepPlan
 
 
-def run_layer(ops: KVOps, plan: StepPlan, heads: LayerHeads, pool: torch.Tensor, cold, query: torch.Tensor,
-              kv: tuple[torch.Tensor, torch.Tensor] | None, output: torch.Tensor, scale: float, layer,
-              loads: torch.Tensor) -> None:
-    """One layer of one step. ``query [n, Hq, D]``; ``kv`` = this step's ``(key, value) [n, H, D]`` (None:
-    nothing to write); ``output [n, Hq, D]`` is written; ``loads`` counts the chunks swapped in."""
+def run_layer(ops: KVOps, plan: StepPlan, heads: LayerHeads, step: LayerStep, pool: torch.Tensor, cold,
+              query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None, output: torch.Tensor, scale: float,
+              layer, loads: torch.Tensor) -> None:
+    """One layer of one step. ``step`` is the layer's share of the plan (``kv_ops.plan_layers``);
+    ``query [n, Hq, D]``; ``kv`` = this step's ``(key, value) [n, H, D]`` (None: nothing to write);
+    ``output [n, Hq, D]`` is written; ``loads`` counts the chunks swapped in."""
     if kv is not None:
-        ops.write(pool, kv[0], kv[1], heads.global_slots(plan.slots, plan.block_size), layer)
+        ops.write(pool, kv[0], kv[1], step.slots, layer)
     if plan.decode is not None and heads.dynamic.numel():
-        dynamic_heads.retrieve(ops, plan, heads, pool, cold, query, loads)
-    ops.attend(plan, heads, pool, query, heads.global_pages(plan.tables), plan.seq_lens[heads.tiers], scale,
-               output, layer)
+        dynamic_heads.retrieve(ops, plan, heads, step, pool, cold, query, loads)
+    ops.attend(plan, heads, pool, query, step.pages, step.seq_lens, scale, output, layer)

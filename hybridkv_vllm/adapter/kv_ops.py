@@ -12,7 +12,8 @@ operation              ``CpuKVOps`` (vLLM's CPU build)                      ``Tr
 ``read`` / ``write_``  torch through the ISA's key permutation              torch (row-major)
 ``pages``
 ``select``             ``chunk_scoring`` reference (vectorised torch)       ``chunk_scoring`` Triton kernels
-``swap_in``            ``swap_in`` reference (fixed shapes)                 ``swap_in`` Triton kernel
+``fill_hot``           every live hot slot rewritten (``swap_in``           slots reassigned (``core.hot_buffer``),
+                       reference, fixed shapes)                             only missing chunks copied (``swap_in``)
 ``summaries``          torch min / max of the read keys                     ``compaction`` summary kernel
 ``compact``            read, select, write (torch)                          ``compaction`` gather / scatter kernels
 =====================  ===================================================  ==========================================
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 import hybridkv_kernels as hk
+from hybridkv_vllm.core.hot_buffer import assign_slots
 from hybridkv_vllm.core.reference import dense_attention
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.core.step_plan import StepPlan
@@ -41,26 +43,75 @@ from hybridkv_vllm.core.step_plan import StepPlan
 class LayerHeads:
     """Where a layer's KV heads live: fixed once the KV cache is bound."""
 
+    index: int                    # the layer's index
     tiers: torch.Tensor           # int64 [H]: the tier (KV-cache group) of each head
     base: torch.Tensor            # int64 [H]: global page of block 0
     stride: torch.Tensor          # int64 [H]: global pages per block id
     dynamic: torch.Tensor         # int64 [Hd]: the layer's dynamic (retrieving) heads
-    cold_heads: torch.Tensor      # int64 [Hd]: their index among the model's dynamic heads (cold-tier rows)
+    cold_start: int               # their rows in the cold tier: [cold_start, cold_start + Hd) (model-wide numbering)
     static: torch.Tensor          # int64 [Hs]: the layer's static (pruned) heads
     signature: tuple[int, ...]    # tiers, as a key for values shared by layers with the same tiers
 
-    def global_pages(self, tables: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """``[T, R, M]`` tier tables -> ``[H, R, M]`` global pages of this layer's heads (or of ``heads``)."""
-        tiers, base, stride = self.tiers, self.base, self.stride
-        if heads is not None:
-            tiers, base, stride = tiers[heads], base[heads], stride[heads]
-        return tables[tiers] * stride[:, None, None] + base[:, None, None]
 
-    def global_slots(self, slots: torch.Tensor, block_size: int) -> torch.Tensor:
-        """``[T, N]`` tier slot mappings -> ``[H, N]`` global slots (``-1`` stays ``-1``)."""
-        s = slots[self.tiers]
-        page = self.base[:, None] + torch.div(s, block_size, rounding_mode="floor") * self.stride[:, None]
-        return torch.where(s < 0, -1, page * block_size + s.remainder(block_size))
+@dataclass
+class LayerStep:
+    """One layer's share of a step plan: global pages and slots of its heads (views of tensors made once per
+    step for every layer, :func:`plan_layers`)."""
+
+    pages: torch.Tensor           # int64 [H, R, M]: rewritten tables as global pages
+    prompt_pages: torch.Tensor    # int64 [H, R, M]: the tables as vLLM gave them, as global pages
+    slots: torch.Tensor           # int64 [H, N]: global slots (-1: padding)
+    seq_lens: torch.Tensor        # int32 [H, R]
+    cold_table: torch.Tensor | None = None    # int64 [Rr, Hd, C]: cold pages of the decode rows' dynamic heads
+    k: torch.Tensor | None = None             # int64 [Rr, Hd]: chunks each retrieves (0: none)
+    hot: torch.Tensor | None = None           # int64 [Rr, Hd, K]: global pages of their hot slots
+    live: torch.Tensor | None = None          # bool [Rr, Hd, K]: slot j < k
+    hot_or_first: torch.Tensor | None = None  # int64 [Rr, Hd, K]: ``hot``, dead slots repeating slot 0
+    every_head_retrieves: bool = True         # k > 0 for every (row, dynamic head)
+    live_count: torch.Tensor | None = None    # int64 []: live slots
+    forced: torch.Tensor | None = None        # float64 [Rr, 1, C]: selection keys of forced / invalid chunks
+    is_forced: torch.Tensor | None = None     # bool [Rr, 1, C]: where ``forced`` applies (else the score)
+
+
+def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: SelectionConfig) -> list[LayerStep]:
+    """Every listed layer's :class:`LayerStep`, with one set of tensor operations for all of them."""
+    bs = plan.block_size
+    tiers = torch.stack([h.tiers for h in layers])                                     # [L, H]
+    base, stride = torch.stack([h.base for h in layers]), torch.stack([h.stride for h in layers])
+    pages = plan.tables[tiers] * stride[..., None, None] + base[..., None, None]       # [L, H, R, M]
+    prompt_pages = plan.prompt_tables[tiers] * stride[..., None, None] + base[..., None, None]
+    s = plan.slots[tiers]                                                              # [L, H, N]
+    page = base[..., None] + torch.div(s, bs, rounding_mode="floor") * stride[..., None]
+    slots = torch.where(s < 0, -1, page * bs + s.remainder(bs))
+    seq_lens = plan.seq_lens[tiers]
+    steps = [LayerStep(pages[i], prompt_pages[i], slots[i], seq_lens[i]) for i in range(len(layers))]
+    dec = plan.decode
+    if dec is not None:
+        width = dec.k_max
+        cold_tables = cold.table[dec.cold_slots]                                       # [Rr, Hdyn, C]
+        # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
+        # sinks (lower index first) above recent chunks (newest first) above scores; chunks past C last.
+        c = torch.arange(cold_tables.shape[2])
+        n = torch.div(dec.chunk_tokens.long(), bs, rounding_mode="floor")[:, None, None]
+        cf = c.double() / cold_tables.shape[2]
+        forced = torch.where(c < n, float("nan"), float("-inf")).expand(len(dec.rows), 1, c.numel())
+        forced = torch.where((c >= n - selection.recent_chunks) & (c < n), 1e200 * (2 + cf), forced)
+        forced = torch.where((c < selection.sink_chunks) & (c < n), 1e200 * (4 - cf), forced)
+        is_forced = ~torch.isnan(forced)
+        j = torch.arange(width)
+        for i, heads in enumerate(layers):
+            if heads.dynamic.numel():
+                lo, hi = heads.cold_start, heads.cold_start + heads.dynamic.numel()
+                step = steps[i]
+                step.cold_table = cold_tables[:, lo:hi]
+                step.k = dec.k[heads.tiers[heads.dynamic]].transpose(0, 1)
+                step.hot = pages[i][heads.dynamic][:, dec.rows, :width].transpose(0, 1)
+                step.live = j < step.k[..., None]
+                step.hot_or_first = torch.where(step.live, step.hot, step.hot[..., :1])
+                step.every_head_retrieves = bool((step.k > 0).all())
+                step.live_count = step.live.sum()
+                step.forced, step.is_forced = forced, is_forced
+    return steps
 
 
 def pool_of(cache: torch.Tensor, block_size: int, head_dim: int) -> torch.Tensor:
@@ -109,17 +160,31 @@ class KVOps:
         raise NotImplementedError
 
     # -- shared: the project's kernels or their references
-    def select(self, q, kmin, kmax, cold_table, chunk_tokens, k_max, k_per) -> torch.Tensor:
-        """Chunks each (row, head) retrieves: ``int32 [Rr, Hd, k_max]`` (``chunk_scoring``)."""
-        out = torch.empty(*cold_table.shape[:2], k_max, dtype=torch.int32, device=q.device)
+    def select(self, q, cold, step: LayerStep, dec) -> torch.Tensor:
+        """Chunks each (row, dynamic head) retrieves: ``[Rr, Hd, k_max]``; the first ``k`` entries count
+        (``chunk_scoring``: here ascending, ``-1`` padded)."""
+        cold_table, chunk_tokens, k_max, k_per = step.cold_table, dec.chunk_tokens, dec.k_max, step.k
+        rows, heads = cold_table.shape[:2]
+        kmin = cold.kmin[:, None, :].expand(cold.kmin.shape[0], heads, cold.kmin.shape[1])   # head stride 0
+        kmax = cold.kmax[:, None, :].expand(cold.kmax.shape[0], heads, cold.kmax.shape[1])
+        out = torch.empty(rows, heads, k_max, dtype=torch.int32, device=q.device)
         hk.chunk_scoring.run(q, kmin, kmax, cold_table, chunk_tokens, k_max, out,
                              chunk_size=self.block_size, sink_chunks=self.selection.sink_chunks,
                              recent_chunks=self.selection.recent_chunks, k_per=k_per.to(torch.int32),
                              backend=self.backend)
         return out
 
-    def swap_in(self, pool, cold_pages, dst, src, moved) -> None:
-        hk.swap_in.run(pool, cold_pages, dst, src, moved, backend=self.backend)
+    def fill_hot(self, pool, cold, step: LayerStep, chosen, cold_slots, cold_start: int, loads) -> None:
+        """Make the hot slots of every (row, dynamic head) hold the ``chosen [Rr, Hd, K]`` chunks; adds the chunks
+        copied to ``loads``."""
+        raise NotImplementedError
+
+    def _copy_in(self, pool, cold, step: LayerStep, src, live, moved) -> None:
+        """``hybridkv_kernels.swap_in`` of the ``moved`` slots; a head's dead slots repeat its slot 0 (the
+        kernel's contract: one page, one source)."""
+        hot = step.hot
+        hk.swap_in.run(pool, cold.pages, torch.where(live, hot, hot[..., :1]), torch.where(live, src, src[..., :1]),
+                       torch.where(live, moved, moved[..., :1]), backend=self.backend)
 
     def summaries(self, cold, pages) -> None:
         """Quest summaries (fp32 channel-wise min / max) of the full cold ``pages [n]``."""
@@ -162,6 +227,33 @@ class CpuKVOps(KVOps):
                                        value.transpose(0, 1).reshape(h * n, 1, d), k_cache, v_cache,
                                        slots.reshape(-1), self.isa, k_scale=layer._k_scale_float,
                                        v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype)
+
+    def select(self, q, cold, step: LayerStep, dec) -> torch.Tensor:
+        """``chunk_scoring``'s selection in fewer operations than its reference (the GQA group summed in one
+        reduction; the query-independent keys made once per step, ``plan_layers``; one sort), because eager
+        operations cost tens of microseconds each here. Returns the chunks in priority order (the first ``k``
+        count); the set equals the reference's up to float summation order (``tests/adapter/test_executor.py``)."""
+        rows, heads, width = step.cold_table.shape
+        g, d = q.shape[1] // heads, q.shape[2]
+        ids = step.cold_table.clamp(min=0).reshape(-1)
+        kmn = cold.kmin.index_select(0, ids).view(rows, heads, 1, width, d)
+        kmx = cold.kmax.index_select(0, ids).view(rows, heads, 1, width, d)
+        qg = q.float().view(rows, heads, g, 1, d)
+        scores = torch.maximum(qg * kmn, qg * kmx).sum(-1).sum(2)                   # [Rr, Hd, C]
+        key = torch.where(step.is_forced, step.forced, scores.double())
+        return torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :dec.k_max]
+
+    def fill_hot(self, pool, cold, step: LayerStep, chosen, cold_slots, cold_start: int, loads) -> None:
+        """Rewrite every live hot slot from the cold tier: on the CPU the cold tier is host memory like the pool,
+        and one copy costs less than tracking which slots changed."""
+        src = step.cold_table.gather(2, chosen)
+        src = torch.where(step.live, src, src[..., :1])
+        if step.every_head_retrieves:                  # dead slots repeat slot 0: the same page, the same source
+            pool.index_copy_(0, step.hot_or_first.reshape(-1), cold.pages.index_select(0, src.reshape(-1)))
+        else:                                          # a head without hot slots writes its own pages back
+            live = torch.where(step.live, step.live, step.live[..., :1])
+            hk.swap_in.run(pool, cold.pages, step.hot_or_first, src, live, backend=self.backend)
+        loads += step.live_count
 
     def _virtual_rows(self, plan: StepPlan, heads: LayerHeads, seq_lens: torch.Tensor, group: int):
         """Per step and tier signature: query starts, lengths and scheduler metadata of the ``H x R`` kernel rows."""
@@ -259,6 +351,18 @@ class TritonKVOps(KVOps):
         bs = self.block_size
         tiles = pool[pages.reshape(-1).long()]
         return tiles[:, :bs], tiles[:, bs:]
+
+    def fill_hot(self, pool, cold, step: LayerStep, chosen, cold_slots, cold_start: int, loads) -> None:
+        """Reassign the hot slots (``core.hot_buffer.assign_slots``: resident chunks stay) and copy only the
+        missing chunks (``swap_in``: a program per slot, idle where nothing moves)."""
+        width = chosen.shape[2]
+        heads = slice(cold_start, cold_start + chosen.shape[1])
+        resident = cold.resident[cold_slots, heads, :width]
+        new, moved = assign_slots(resident, chosen, step.k)
+        cold.resident[cold_slots, heads, :width] = new
+        live = torch.arange(width, device=chosen.device) < step.k[..., None]
+        self._copy_in(pool, cold, step, step.cold_table.gather(2, new.clamp(min=0)), live, moved)
+        loads += moved.sum()
 
     def write_pages(self, pool, pages, k, v) -> None:
         pool[pages.reshape(-1).long()] = torch.cat([k, v], dim=1).to(pool.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
 from hybridkv_vllm.adapter.cold_tier import ColdTier
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
+from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
 from hybridkv_vllm.adapter.static_heads import ObservationStash
 from hybridkv_vllm.core.budgets import BudgetPlan, allocate
 from hybridkv_vllm.core.errors import ConfigError
@@ -86,6 +88,7 @@ class HybridKVRuntime:
                     dynamic_tiers.append(self.tiers.tier_of[layer][head])
         self.dynamic_tiers = torch.tensor(dynamic_tiers, dtype=torch.long)
         self.loads = torch.zeros((), dtype=torch.long)       # chunks swapped in, summed on the device
+        self.layers: dict[int, LayerHeads] = {}              # bound layers (backend.py)
         self.bind_cold_tier(self.profile.model.head_dim, self.kv_dtype, "cpu")
 
     def bind_cold_tier(self, head_dim: int, dtype: torch.dtype, device) -> ColdTier:
@@ -134,6 +137,15 @@ class HybridKVRuntime:
             self.accounting.chunk_loads += loads
             self.accounting.swap_in_bytes += loads * cold.page_kv_bytes
         self.accounting.observe(self.batch, plan.rows, cold.nbytes)
+
+    def layer_step(self, plan: StepPlan, heads: LayerHeads) -> LayerStep:
+        """The layer's share of the step plan: computed for every bound layer at once, on first use in a step."""
+        steps = plan.cache.get("layers")
+        if steps is None or heads.index not in steps:
+            layers = [self.layers[i] for i in sorted(self.layers)]
+            steps = dict(zip((h.index for h in layers), plan_layers(plan, layers, self.cold, self.selection)))
+            plan.cache["layers"] = steps
+        return steps[heads.index]
 
     @staticmethod
     def kept_of_tiers(plan: StepPlan, row: int) -> torch.Tensor:
@@ -207,9 +219,22 @@ def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, he
                           "hybridkv.cold_tier_gib")
 
 
+def _check_kv_ops(config: HybridKVConfig) -> None:
+    if config.kv_ops != "triton":
+        return
+    import hybridkv_kernels
+    from vllm.platforms import current_platform
+    if not hybridkv_kernels.HAS_TRITON:
+        raise ConfigError("hybridkv.kv_ops='triton' needs Triton, which is not installed: use kv_ops 'cpu'")
+    if current_platform.is_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("hybridkv.kv_ops='triton' on vLLM's CPU build runs the Triton kernels on Triton's "
+                          "interpreter, for tests: set TRITON_INTERPRET=1, or serve with kv_ops 'cpu'")
+
+
 def build_runtime(vllm_config) -> HybridKVRuntime:
     config = parse_config(vllm_config.additional_config)
     _check_flags(vllm_config)
+    _check_kv_ops(config)
     identity = ModelIdentity.from_hf_config(_root_hf_config(vllm_config.model_config))
     profile = HeadProfile.load(config.profile, expect=identity)
     rank, world = _tp_rank_and_size(vllm_config)

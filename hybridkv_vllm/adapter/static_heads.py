@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridkv_vllm.adapter.kv_ops import KVOps, LayerHeads
+from hybridkv_vllm.adapter.kv_ops import KVOps, LayerHeads, LayerStep
 from hybridkv_vllm.core.selection import SelectionConfig, select_static, text_prior_scores
 from hybridkv_vllm.core.step_plan import RowPlan, StepPlan
 
@@ -51,8 +51,8 @@ class ObservationStash:
         return {key[0] for key in self.entries}
 
 
-def prune(ops: KVOps, plan: StepPlan, heads: LayerHeads, pool: torch.Tensor, query: torch.Tensor, row_index: int,
-          layer: str, stash: ObservationStash, visual: torch.Tensor, selection: SelectionConfig,
+def prune(ops: KVOps, plan: StepPlan, heads: LayerHeads, step: LayerStep, pool: torch.Tensor, query: torch.Tensor,
+          row_index: int, layer: str, stash: ObservationStash, visual: torch.Tensor, selection: SelectionConfig,
           scale: float) -> None:
     """Compact the kept tokens of the layer's static heads for one completing row."""
     row = plan.rows[row_index]
@@ -64,7 +64,7 @@ def prune(ops: KVOps, plan: StepPlan, heads: LayerHeads, pool: torch.Tensor, que
     stat, kept = stat[kept > 0], kept[kept > 0]
     bs, p = plan.block_size, row.prompt_len
     h, g, d = len(heads.signature), query.shape[1] // len(heads.signature), query.shape[2]
-    pages = heads.global_pages(plan.prompt_tables, stat)[:, row_index, :-(-p // bs)]  # [Hs, ceil(P / bs)]
+    pages = step.prompt_pages[stat, row_index, :-(-p // bs)]                      # [Hs, ceil(P / bs)]
     keys = ops.read_pages(pool, pages)[0].reshape(stat.numel(), -1, d)[:, :p]
     q = q_obs.view(-1, h, g, d)[:, stat].permute(1, 2, 0, 3).reshape(stat.numel() * g, -1, d)
     scores = text_prior_scores(q, keys, positions, scale, selection.pool_kernel)    # [Hs, P]

@@ -131,6 +131,9 @@ class StepPlan:
     def add_group(self, tier: int, tables: GroupTables) -> None:
         self.groups[tier] = tables
 
+    def has_group(self, tier: int) -> bool:
+        return tier in self.groups
+
     def finalize(self, num_tiers: int, cold_slot: Callable[[str], int | None]) -> None:
         """Stack the tiers and plan retrieval (after every group was built)."""
         if self.finalized:

@@ -2,9 +2,7 @@
 budget manager and the worker equals the core allocator's token budgets."""
 from __future__ import annotations
 
-import math
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

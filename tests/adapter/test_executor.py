@@ -13,6 +13,8 @@ and the operations issued for one row must be the same as for three (nothing per
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -20,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hybridkv_kernels as hk
 from hybridkv_vllm.adapter.cold_tier import ColdTier
 from hybridkv_vllm.adapter.executor import run_layer
-from hybridkv_vllm.adapter.kv_ops import CpuKVOps, LayerHeads, TritonKVOps
+from hybridkv_vllm.adapter.kv_ops import CpuKVOps, LayerHeads, TritonKVOps, plan_layers
 from hybridkv_vllm.core.reference import sparse_decode_attention
 from hybridkv_vllm.core.selection import SelectionConfig, chunk_summaries, score_chunks, select_chunks
 from hybridkv_vllm.core.step_plan import StepPlan, plan_rows, rewrite_group
@@ -50,8 +52,8 @@ def make_ops(kind: str):
 
 
 def heads_of_layer() -> LayerHeads:
-    return LayerHeads(tiers=torch.arange(H), base=torch.arange(H) * NB, stride=torch.ones(H, dtype=torch.long),
-                      dynamic=torch.tensor(DYNAMIC), cold_heads=torch.arange(len(DYNAMIC)),
+    return LayerHeads(index=0, tiers=torch.arange(H), base=torch.arange(H) * NB,
+                      stride=torch.ones(H, dtype=torch.long), dynamic=torch.tensor(DYNAMIC), cold_start=0,
                       static=torch.tensor(STATIC), signature=tuple(range(H)))
 
 
@@ -74,7 +76,7 @@ def build(ops, num_rows: int, seed: int):
     for r, (p, s) in enumerate(zip(prompt_lens, seq_lens)):
         c = p // BS
         for h in range(H):
-            pages = heads.base[h] + tables[h, r].long()
+            pages = heads.base[h] + tables[h, r].long()             # stride 1
             kh, vh = k_all[r][:, h], v_all[r][:, h]
             tail = torch.arange(c * BS, (s - 1) // BS * BS + BS)                  # the current token: garbage
             tail_k, tail_v = kh[tail.clamp(max=s - 1)], vh[tail.clamp(max=s - 1)]
@@ -133,7 +135,8 @@ def test_decode_step_equals_the_core_reference(kind):
     for step in range(2):                          # the second step starts from the first one's hot buffers
         q = torch.randn(3, H * G, D, generator=g)
         out = torch.zeros_like(q)
-        run_layer(ops, plan, heads, pool, cold, q, new_kv, out, SCALE, Layer, loads)
+        run_layer(ops, plan, heads, plan_layers(plan, [heads], cold, SEL)[0], pool, cold, q, new_kv, out, SCALE, Layer,
+                  loads)
         torch.testing.assert_close(out, expected(q, plan, k_all, v_all, kept_positions), atol=2e-5, rtol=1e-4)
     assert int(loads) > 0                          # chunks were swapped in from the cold tier
 
@@ -170,8 +173,9 @@ def guarded_ops(kind: str, num_rows: int) -> list[str]:
     ops = make_ops(kind)
     plan, heads, pool, cold, _, _, _, new_kv = build(ops, num_rows, seed=num_rows)
     q = torch.randn(num_rows, H * G, D)
+    step = plan_layers(plan, [heads], cold, SEL)[0]                  # once per step, for every layer: not guarded
     with Guard() as guard:
-        run_layer(ops, plan, heads, pool, cold, q, new_kv, torch.zeros_like(q), SCALE, Layer,
+        run_layer(ops, plan, heads, step, pool, cold, q, new_kv, torch.zeros_like(q), SCALE, Layer,
                   torch.zeros((), dtype=torch.long))
     return guard.ops
 
@@ -243,3 +247,39 @@ def test_compaction_moves_the_kept_tokens_to_the_first_blocks(kind):
         got_k, got_v = ops.read_pages(pool, pages[h, :n // BS])
         torch.testing.assert_close(got_k.reshape(-1, D), k[h, kept[h, :n]])
         torch.testing.assert_close(got_v.reshape(-1, D), v[h, kept[h, :n]])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cpu_selection_equals_the_kernel_reference(seed):
+    """CpuKVOps.select (fewer operations) selects what ``chunk_scoring``'s reference selects."""
+    g = torch.Generator().manual_seed(seed)
+    ops = make_ops("cpu")
+    rows, heads, width, nc = 4, 3, 12, 200
+    kmin = torch.randn(nc, D, generator=g)
+    kmax = kmin + torch.rand(nc, D, generator=g)
+    table = torch.randint(0, nc, (rows, heads, width), generator=g)
+    chunks = torch.randint(3, width + 1, (rows,), generator=g)
+    k = torch.randint(0, 3, (rows, heads), generator=g).clamp(max=chunks[:, None] - 1)
+    k[0, 0] = 0
+    table[0, 0] = -1                                         # a head without a cold entry retrieves nothing
+    q = torch.randn(rows, heads * G, D, generator=g)
+    want = hk.chunk_scoring.reference(q, kmin[:, None].expand(nc, heads, D), kmax[:, None].expand(nc, heads, D),
+                                      table, chunks * BS, 4, chunk_size=BS, sink_chunks=SEL.sink_chunks,
+                                      recent_chunks=SEL.recent_chunks, k_per=k)[0]
+    cold = SimpleNamespace(kmin=kmin, kmax=kmax, table=table)
+    plan = SimpleNamespace(decode=SimpleNamespace(cold_slots=torch.arange(rows), chunk_tokens=chunks * BS, k_max=4,
+                                                  k=k.transpose(0, 1), rows=torch.arange(rows)),
+                           tables=torch.zeros(heads, rows, 1, dtype=torch.long),
+                           prompt_tables=torch.zeros(heads, rows, 1, dtype=torch.long),
+                           slots=torch.zeros(heads, rows, dtype=torch.long), seq_lens=torch.zeros(heads, rows),
+                           block_size=BS)
+    layer = LayerHeads(index=0, tiers=torch.arange(heads), base=torch.zeros(heads, dtype=torch.long),
+                       stride=torch.ones(heads, dtype=torch.long), dynamic=torch.arange(heads), cold_start=0,
+                       static=torch.tensor([], dtype=torch.long), signature=tuple(range(heads)))
+    step = plan_layers(plan, [layer], cold, SEL)[0]
+    got = ops.select(q, cold, step, plan.decode)                 # priority order: the first k count
+    for r in range(rows):
+        for h in range(heads):
+            n = int(k[r, h])
+            assert sorted(got[r, h, :n].tolist()) == want[r, h, :n].tolist()
+            assert (want[r, h, n:] == -1).all()

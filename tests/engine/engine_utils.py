@@ -16,13 +16,13 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def synthetic_profile(path: Path, seed: int = 0, low: float = 0.8) -> Path:
-    """A valid profile for the test model whose head types are drawn at random (about half static)."""
+def synthetic_profile(path: Path, seed: int = 0, low: float = 0.8, model: Path = MODEL) -> Path:
+    """A valid profile for ``model`` whose head types are drawn at random (about half static)."""
     from transformers import AutoConfig
 
     from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 
-    identity = ModelIdentity.from_hf_config(AutoConfig.from_pretrained(MODEL))
+    identity = ModelIdentity.from_hf_config(AutoConfig.from_pretrained(model))
     g = torch.Generator().manual_seed(seed)
     scores = low + (1 - low) * torch.rand(identity.num_layers, identity.num_kv_heads, generator=g,
                                           dtype=torch.float64) * 0.999

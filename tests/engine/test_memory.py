@@ -6,7 +6,6 @@ import gc
 import re
 
 import pytest
-import torch
 from vllm import SamplingParams
 
 from hybridkv_vllm.adapter import runtime
@@ -86,7 +85,8 @@ def test_aborts_and_mixed_batch_return_every_block(hybrid_llm):
     llm = hybrid_llm
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    prompts = {"long1": text_prompt(4000), "short": text_prompt(300, "Say hi."), "long2": text_prompt(6000, "Summarize."),
+    prompts = {"long1": text_prompt(4000), "short": text_prompt(300, "Say hi."),
+               "long2": text_prompt(6000, "Summarize."),
                "abort1": text_prompt(3000), "abort2": text_prompt(200, "Count to five.")}
     alone = {}
     for rid in ("long1", "short"):                      # oracle: each survivor run by itself

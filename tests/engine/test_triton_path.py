@@ -1,0 +1,57 @@
+"""The Triton implementation of the decode executor inside vLLM's CPU engine (kernels under TRITON_INTERPRET=1):
+greedy tokens equal the core reference in transformers, on the tiny model with a few tokens (the interpreter runs
+every kernel program in Python), with static and dynamic heads, and the dynamic heads really read the cold tier."""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+from vllm import SamplingParams
+
+from hybridkv_vllm.adapter import metrics
+from hybridkv_vllm.core.budgets import BudgetConfig, allocate
+from hybridkv_vllm.core.profile import HeadProfile
+from hybridkv_vllm.core.selection import SelectionConfig
+from hybridkv_vllm.core.tiers import TieredPolicy, plan_tiers
+
+from engine_utils import HAYSTACK, ROOT, make_llm, synthetic_profile
+
+pytestmark = [pytest.mark.engine, pytest.mark.triton]
+TINY = ROOT / "models" / "tiny-vl"
+BUDGET, BS, MIN_PROMPT, NEW_TOKENS = 0.3, 32, 64, 6
+
+
+def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("run with TRITON_INTERPRET=1 (make test sets it)")
+    if not (TINY / "config.json").exists():
+        pytest.fail(f"{TINY} missing: run `make setup`")
+    from hybridkv_vllm.hf.generate import generate
+    from hybridkv_vllm.hf.inputs import encode_chat, load_model
+
+    profile_path = synthetic_profile(tmp_path / "tiny.json", seed=3, model=TINY)
+    profile = HeadProfile.load(profile_path)
+    assert {str(e.type) for layer in profile.layers for e in layer} == {"static", "dynamic"}
+    plan = allocate(profile, BudgetConfig(budget=BUDGET, block_size=BS))
+    policy = TieredPolicy(profile, plan, plan_tiers(plan), SelectionConfig(chunk_size=BS), MIN_PROMPT)
+    text = HAYSTACK.read_text()[:900] + "\nWhat is this about?"
+    lm = load_model(TINY)
+    prompt = encode_chat(lm, text, [])
+    expected = generate(lm, prompt, policy, max_new_tokens=NEW_TOKENS, stop_at_eos=False).tolist()
+    del lm
+    gc.collect()
+
+    llm = make_llm(TINY, {"profile": str(profile_path), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
+                          "kv_ops": "triton"}, max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
+    loads_before = metrics.get_metrics().chunk_loads._value.get()
+    try:
+        got = llm.chat([{"role": "user", "content": text}],
+                       SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))[0]
+        assert got.prompt_token_ids == prompt.input_ids[0].tolist()
+        assert len(got.prompt_token_ids) > 4 * BS
+        assert list(got.outputs[0].token_ids) == expected
+        assert metrics.get_metrics().chunk_loads._value.get() > loads_before
+    finally:
+        del llm
+        gc.collect()
