@@ -6,16 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from hybridkv_vllm.demo import free_port, image_data_url, serve_command, wait_healthy
 
-from engine_utils import MODEL, make_llm, synthetic_profile
+from engine_utils import MODEL, make_llm
 
 pytestmark = pytest.mark.engine
 
@@ -62,7 +60,8 @@ def test_chat_with_image_and_bad_requests(server):
     status, _ = _post(server, {"model": "smollm2-vl", "max_tokens": 8,
                                "messages": [{"role": "user", "content": [bad_image, question]}]})
     assert 400 <= status < 500
-    status, _ = _post(server, {"model": "smollm2-vl", "max_tokens": -3, "messages": [{"role": "user", "content": "hi"}]})
+    status, _ = _post(server, {"model": "smollm2-vl", "max_tokens": -3,
+                               "messages": [{"role": "user", "content": "hi"}]})
     assert 400 <= status < 500
     status, _ = _post(server, {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
     assert 400 <= status < 500
