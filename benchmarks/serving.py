@@ -21,7 +21,7 @@ Configurations: stock; HybridKV with (a) the shipped profile ``configs/profiles/
 (b) a synthetic profile with ~half static heads (``tests/engine/engine_utils.synthetic_profile``) at budget 0.1,
 (c) the synthetic profile at budget 0.2.
 
-    python benchmarks/serving.py --out benchmarks/results/serving_cpu.md --cpus 0   # full run (~5-10 min, 1 core)
+    python benchmarks/serving.py --out benchmarks/results/serving_cpu.md --cpus 0   # full run (~25 min, 1 core)
     python benchmarks/serving.py --out /tmp/serving_quick.md --quick                 # smoke test
 
 Writes the markdown report to ``--out`` and the raw numbers to the same path with ``.json``.
@@ -184,14 +184,24 @@ def burst(llm, prompts: list[str], max_tokens: int, bytes_per_block: int) -> dic
         engine.add_request(f"b{i}", p, params)
     outputs, steps = {}, 0
     peak_running, peak_used, used_time_integral = 0, 0, 0.0
+    decode_s = decode_tokens = prefill_steps = 0
     t0 = last = time.perf_counter()
     c0 = time.process_time()
     while engine.has_unfinished_requests():
+        before = {rid: (r.num_computed_tokens, r.num_prompt_tokens) for rid, r in sched.requests.items()}
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
         now = time.perf_counter()
         steps += 1
+        advanced = [(sched.requests[rid].num_computed_tokens if rid in sched.requests else None, done, prompt)
+                    for rid, (done, prompt) in before.items()]
+        prefill = any(after is not None and after > done and done < prompt for after, done, prompt in advanced)
+        if prefill:
+            prefill_steps += 1
+        else:            # a step that ran decode rows only: one token per running request
+            decode_s += now - last
+            decode_tokens += sum(1 for after, done, prompt in advanced if after is None or after > done)
         used = total - free_blocks(llm)
         peak_running = max(peak_running, len(sched.running))
         peak_used = max(peak_used, used)
@@ -202,12 +212,35 @@ def burst(llm, prompts: list[str], max_tokens: int, bytes_per_block: int) -> dic
     assert free_blocks(llm) == free0, "blocks leaked by the burst"
     n_out = sum(len(t) for t in outputs.values())
     return dict(requests=len(prompts), finished=len(outputs), steps=steps, wall_s=wall, cpu_s=cpu,
-                output_tokens=n_out, output_tok_per_s=n_out / wall,
+                output_tokens=n_out, output_tok_per_s=n_out / wall, prefill_steps=prefill_steps,
+                decode_phase_s=decode_s, decode_phase_tok_per_s=decode_tokens / max(decode_s, 1e-9),
                 peak_running=peak_running, preemptions=preempt[0],
                 peak_kv_blocks=peak_used, peak_kv_bytes=peak_used * bytes_per_block,
                 mean_kv_bytes=used_time_integral / wall * bytes_per_block,
                 pool_blocks=total, pool_bytes=total * bytes_per_block,
                 outputs=outputs)
+
+
+def batch_decode(llm, prompt: str, batch: int, max_tokens: int) -> dict:
+    """``batch`` copies of one prompt at once: mean time of the steps in which all of them decode (ms per step =
+    ms per output token of each request at that batch size)."""
+    from vllm import SamplingParams
+    engine, sched = llm.llm_engine, scheduler_of(llm)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"batch{i}", prompt, params)
+    times, last = [], time.perf_counter()
+    while engine.has_unfinished_requests():
+        full_decode = len(sched.running) == batch and not sched.waiting and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        engine.step()
+        now = time.perf_counter()
+        if full_decode:
+            times.append(now - last)
+        last = now
+    times = sorted(times)[:max(1, len(times) - len(times) // 10)]      # drop the slowest tenth (other jobs)
+    return dict(batch=batch, prompt_tokens=len(sched.requests) or None, steps=len(times),
+                decode_ms_per_step=1e3 * sum(times) / max(1, len(times)))
 
 
 def run_engine(name: str, hybridkv: dict | None, blocks: int, args, prompts, single_prompts) -> dict:
@@ -257,7 +290,28 @@ def run_engine(name: str, hybridkv: dict | None, blocks: int, args, prompts, sin
                singles=singles, burst=b)
     del sched, llm
     gc.collect()
+    res["batches"] = run_batches(name, hybridkv, blocks * args.batch_pool_factor, args)
     return res
+
+
+def run_batches(name: str, hybridkv: dict | None, blocks: int, args) -> list[dict]:
+    """Batch runs in an engine whose pool holds the whole batch uncompressed (stock cannot run 8 long requests at
+    once in the burst's pool): ``--batch-pool-factor`` times the burst engine's blocks, the same for every engine."""
+    if not args.batch_lengths:
+        return []
+    llm = make_llm(MODEL, hybridkv, dtype=args.dtype, max_model_len=MAX_MODEL_LEN, block_size=BLOCK_SIZE,
+                   enable_prefix_caching=False, enforce_eager=True, max_num_seqs=args.batch,
+                   num_gpu_blocks_override=blocks)
+    batches = []
+    for n_tokens, p in zip(args.batch_lengths, args.batch_prompts):
+        b8 = batch_decode(llm, p, args.batch, args.batch_tokens)
+        b8["prompt_tokens"] = n_tokens
+        batches.append(b8)
+        print(f"[{name}] batch {args.batch} x {n_tokens} tok: decode {b8['decode_ms_per_step']:.1f} ms/step over "
+              f"{b8['steps']} steps", flush=True)
+    del llm
+    gc.collect()
+    return batches
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -296,6 +350,7 @@ def report(results: list[dict], meta: dict) -> str:
              f"output tokens each (ignore_eos); a request at full length needs "
              f"{full_blocks} stock blocks, so the stock pool holds ~{stock['num_blocks'] // full_blocks} at once",
              "- profiles: " + "; ".join(f"{k}: {v[0]}/{v[1]} static heads" for k, v in meta["profiles"].items()),
+             *([f"- {meta['note']}"] if meta.get("note") else []),
              "", "## Burst (ratios HybridKV / stock)", "",
              "| metric | stock | " + " | ".join(r["name"] for r in hyb) + " |",
              "|---|---|" + "---|" * len(hyb)]
@@ -314,6 +369,9 @@ def report(results: list[dict], meta: dict) -> str:
     row("output tokens/s (wall)", "output_tok_per_s", lambda x: f"{x:.2f}")
     row("process CPU time (s)", "cpu_s", lambda x: f"{x:.1f}")
     row("output tokens per CPU-second", "output_tok_per_cpu_s", lambda x: f"{x:.2f}")
+    row("decode-phase output tokens/s (steps without prefill)", "decode_phase_tok_per_s", lambda x: f"{x:.2f}")
+    row("decode-phase time (s)", "decode_phase_s", lambda x: f"{x:.1f}")
+    row("steps that ran prefill", "prefill_steps", str)
     row("preemptions", "preemptions", str, ratio=False)
     row("engine steps", "steps", str)
     agree = []
@@ -347,6 +405,17 @@ def report(results: list[dict], meta: dict) -> str:
             cells = [fmt(s[key])] + [fmt(r["singles"][i][key]) + f" ({_ratio(r['singles'][i][key], s[key])})"
                                      for r in hyb]
             lines.append(f"| {s['prompt_tokens']} | {label} | " + " | ".join(cells) + " |")
+    if stock.get("batches"):
+        lines += ["", f"## {meta['batch']} requests decoding together (ratios HybridKV / stock)", "",
+                  f"{meta['batch']} copies of one prompt submitted at once; mean time of the steps in which all of "
+                  "them decode (ms per step = ms per output token of each request), slowest tenth dropped.", "",
+                  "| prompt tokens | metric | stock | " + " | ".join(r["name"] for r in hyb) + " |",
+                  "|---|---|---|" + "---|" * len(hyb)]
+        for i, s in enumerate(stock["batches"]):
+            cells = [f"{s['decode_ms_per_step']:.1f}"] + [
+                f"{r['batches'][i]['decode_ms_per_step']:.1f} "
+                f"({_ratio(r['batches'][i]['decode_ms_per_step'], s['decode_ms_per_step'])})" for r in hyb]
+            lines.append(f"| {s['prompt_tokens']} | decode (ms/step) | " + " | ".join(cells) + " |")
     lines += ["", "Blocks held per KV-cache group after prefill:", ""]
     for r in hyb:
         lines.append(f"- {r['name']}: " + "; ".join(f"{s['prompt_tokens']} tok -> {s['held_blocks_per_group']}"
@@ -365,8 +434,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving_cpu.md")
     ap.add_argument("--quick", action="store_true", help="smoke mode: 3 short-output requests, 2 engines")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--n", type=int, default=8, help="burst size")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--n", type=int, default=16, help="burst size (and max_num_seqs)")
+    ap.add_argument("--max-tokens", type=int, default=256, help="output tokens of each burst request")
+    ap.add_argument("--burst-tokens", type=int, default=700, help="burst prompt length (about; +-100)")
+    ap.add_argument("--singles", default="600,1400,3000", help="prompt lengths of the batch-1 runs")
+    ap.add_argument("--batch", type=int, default=8, help="requests decoding together in the batch runs")
+    ap.add_argument("--batch-lengths", default="1400", help="prompt lengths of the batch runs ('' for none)")
+    ap.add_argument("--batch-tokens", type=int, default=24, help="output tokens in the batch runs")
+    ap.add_argument("--batch-pool-factor", type=int, default=3,
+                    help="pool of the batch runs' engines, in multiples of the burst engines' (same for all)")
+    ap.add_argument("--skip-singles-and-burst", action="store_true", help="batch runs only")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--configs", default="shipped",
+                    help="HybridKV configurations: any of shipped, synthetic, synthetic-0.2 (comma-separated)")
     ap.add_argument("--stock-blocks", type=int, default=150,
                     help="stock pool size in blocks (>= 128 for max_model_len 4096); the KV bytes every engine gets")
     ap.add_argument("--cpus", default=None,
@@ -384,27 +464,52 @@ def main() -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.cpus
     t_run = time.perf_counter()
     if args.quick:
-        args.n, args.max_tokens = 3, 8
+        args.n, args.max_tokens, args.burst_tokens, args.batch, args.batch_tokens = 3, 8, 400, 2, 4
+        args.batch_lengths = "400"
     args.single_tokens = 8 if args.quick else 16
-    args.reps = 1 if args.quick else 2
     assert args.stock_blocks * BLOCK_SIZE >= MAX_MODEL_LEN
 
     tok = tokenizer()
-    burst_lengths = [1300 + (200 * i) // max(1, args.n - 1) for i in range(args.n)]
+    burst_lengths = [args.burst_tokens - 100 + (200 * i) // max(1, args.n - 1) for i in range(args.n)]
     prompts = [prompt_of_tokens(tok, n, f"Question {i}: what is this text about? Answer briefly.")
                for i, n in enumerate(burst_lengths)]
-    single_lengths = [1400] if args.quick else [600, 1400, 3000]
+    single_lengths = [1400] if args.quick else [int(x) for x in args.singles.split(",")]
     single_prompts = [prompt_of_tokens(tok, n, "Summarize the text.") for n in single_lengths]
+    args.batch_lengths = [int(x) for x in args.batch_lengths.split(",") if x]
+    args.batch_prompts = [prompt_of_tokens(tok, n, "Summarize the text.") for n in args.batch_lengths]
     burst_tokens = [len(tok(p).input_ids) for p in prompts]
     print(f"burst prompt tokens: {burst_tokens}", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="hkv_bench_"))
     synth = synthetic_profile(tmp / "synthetic.json")
-    configs = [("HybridKV shipped b=0.1", SHIPPED_PROFILE, 0.1), ("HybridKV synthetic b=0.1", synth, 0.1),
-               ("HybridKV synthetic b=0.2", synth, 0.2)]
-    if args.quick:
-        configs = configs[1:2]
+    known = {"shipped": ("HybridKV shipped b=0.1", SHIPPED_PROFILE, 0.1),
+             "synthetic": ("HybridKV synthetic b=0.1", synth, 0.1),
+             "synthetic-0.2": ("HybridKV synthetic b=0.2", synth, 0.2)}
+    configs = [known[c] for c in args.configs.split(",")]
 
+    if args.skip_singles_and_burst:
+        rows = [dict(name="stock", batches=run_batches("stock", None, args.stock_blocks * args.batch_pool_factor,
+                                                        args))]
+        for name, profile, budget in configs:
+            groups = num_groups_planned(profile, budget)
+            rows.append(dict(name=name, batches=run_batches(name, {"profile": str(profile), "budget": budget},
+                                                             args.stock_blocks * groups * args.batch_pool_factor,
+                                                             args)))
+        lines = [f"# {args.batch} requests decoding together: stock vLLM vs HybridKV (CPU build)", "",
+                 "- command: `python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) + "`",
+                 f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; dtype {args.dtype}; "
+                 f"pool {args.stock_blocks * args.batch_pool_factor} stock blocks' bytes for every engine (holds the "
+                 "batch uncompressed); greedy, ignore_eos", "",
+                 f"Mean time of the steps in which all {args.batch} requests decode (ms per step = ms per output token "
+                 "of each request), slowest tenth dropped.", "",
+                 "| prompt tokens | " + " | ".join(r["name"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+        for i, n_tokens in enumerate(args.batch_lengths):
+            ms = [r["batches"][i]["decode_ms_per_step"] for r in rows]
+            lines.append(f"| {n_tokens} | {ms[0]:.1f} | " + " | ".join(f"{m:.1f} ({_ratio(m, ms[0])})" for m in ms[1:])
+                         + " |")
+        args.out.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     results = [run_engine("stock", None, args.stock_blocks, args, prompts, single_prompts)]
     stock_bytes = results[0]["kv_bytes"]
     for name, profile, budget in configs:
@@ -427,7 +532,7 @@ def main() -> None:
                 wall_s=time.perf_counter() - t_run, cpu=cpu,
                 nproc=subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
                 vllm=vllm.__version__, torch=torch.__version__, python=platform.python_version(),
-                dtype=args.dtype, n=args.n, reps=args.reps, max_tokens=args.max_tokens,
+                dtype=args.dtype, n=args.n, reps=args.reps, max_tokens=args.max_tokens, batch=args.batch,
                 single_tokens=args.single_tokens,
                 burst_prompt_tokens=burst_tokens, single_prompt_tokens=single_lengths,
                 stock_blocks=args.stock_blocks,

@@ -2,8 +2,9 @@
 
 ``cpu_attn_reshape_and_cache`` stores values row-major ``[bs, D]`` but keys in an ISA-specific order (for
 the ``vec`` ISA a block's keys are channel-major ``[D, bs]``; AMX packs differently). Rather than hard-code
-each, :func:`key_layout` writes a probe through vLLM's own op once and reads back the permutation, so the
-compaction and retrieval code can read and write keys of any ISA through one gather index.
+each, :func:`key_layout` writes a probe through vLLM's own op once and reads back the permutation, so the CPU
+KV-ops implementation (``kv_ops.CpuKVOps.read_pages`` / ``write_pages``) reads and writes keys of any ISA through
+one gather index.
 """
 from __future__ import annotations
 
@@ -33,18 +34,3 @@ def key_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) ->
     if not torch.equal(torch.sort(flat_index).values, torch.arange(bs * d)):
         raise RuntimeError(f"unexpected CPU key-cache layout for isa={isa}, dtype={dtype}")
     return perm
-
-
-def read_keys(key_cache: torch.Tensor, block_ids: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``[n, bs, D]`` keys of one head from blocks ``block_ids`` of a ``[num_blocks, 1, bs, D]`` key view."""
-    n, bs, d = block_ids.numel(), key_cache.shape[2], key_cache.shape[3]
-    flat = key_cache[block_ids.long(), 0].reshape(n, bs * d)
-    return flat[:, perm].reshape(n, bs, d)
-
-
-def write_keys(key_cache: torch.Tensor, block_ids: torch.Tensor, keys: torch.Tensor, perm: torch.Tensor) -> None:
-    """Write ``keys [n, bs, D]`` into blocks ``block_ids`` in the kernel's layout."""
-    n, bs, d = keys.shape
-    flat = torch.empty(n, bs * d, dtype=key_cache.dtype)
-    flat[:, perm] = keys.reshape(n, bs * d).to(key_cache.dtype)
-    key_cache[block_ids.long(), 0] = flat.reshape(n, bs, d)

@@ -19,7 +19,7 @@ import torch
 
 from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
-from hybridkv_vllm.adapter.cold_tier import ColdTier
+from hybridkv_vllm.adapter.cold_tier import ColdTier, ColdTierFull
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
 from hybridkv_vllm.adapter.static_heads import ObservationStash
@@ -125,7 +125,12 @@ class HybridKVRuntime:
         cold = self.cold
         for r, row in enumerate(plan.rows):
             if row.compressed and row.completes_prompt and row.req_id is not None:
-                cold.admit(row.req_id, row.prompt_len // bs, self.kept_of_tiers(plan, r)[self.dynamic_tiers])
+                try:
+                    cold.admit(row.req_id, row.prompt_len // bs, self.kept_of_tiers(plan, r)[self.dynamic_tiers])
+                except ColdTierFull as err:
+                    # cannot happen while start-up's worst-case check holds (runtime._check_cold_tier); if it
+                    # does, this request's dynamic heads keep their first chunks only, the engine goes on
+                    logger.error("HybridKV: request %s gets no cold-tier entry: %s", row.req_id, err)
         plan.finalize(len(self.tiers.tiers), cold.slot_of)
         if plan.decode is not None:
             cold.ensure_hot_width(plan.decode.k_max)
