@@ -1,24 +1,18 @@
-"""The HYBRIDKV attention backend on vLLM's CPU build.
+"""The HYBRIDKV attention backend (vLLM's four parts, plus the one-head virtual layers).
 
-Structure (vLLM's four parts): ``HybridKVBackend`` (names the parts), ``HybridKVMetadataBuilder`` (once per
-KV-cache group and step: plans each request row and rewrites the block tables of compressed rows),
-``HybridKVImpl`` (per layer: writes K/V, attends, compacts) and ``HybridKVHeadLayer`` (the one-head virtual
-layers that give every KV head its own KV-cache group; see tiers.py).
+``HybridKVBackend`` names the parts; ``HybridKVMetadataBuilder`` (once per KV-cache group = tier and step) adds its
+tier's rewritten tables to the step's plan (``core/step_plan.py``; ``runtime.finish_step`` finishes it once per
+step); ``HybridKVImpl`` (per layer) runs ``executor.run_layer`` on the plan for every KV head of the layer at once
+through the KV-ops seam (``kv_ops.py``), and in the step that completes a prompt prunes static heads
+(``static_heads.py``) and offloads dynamic ones to the cold tier (``dynamic_heads.py``); ``HybridKVHeadLayer`` is
+the one-head virtual layer that gives every KV head its own KV-cache group (``core/tiers.py``).
 
-Every KV head sits in a budget tier (tiers.py): once its prompt is processed a compressed request keeps blocks
-``[0, kept)`` plus the tail (prompt's partial block + generated tokens), and the budget manager frees
-``[kept, P // bs)`` right after the step that completes the prompt (kv_spec.py). The builder rewrites each such
-row to ``table[:kept] ++ table[P // bs:]``; what the ``kept`` blocks hold depends on the head (mode from the plan):
-
-* ``pruned`` (static): in the step that completes the prompt the head scores the prompt with its
-  observation-window queries and compacts the selected tokens into blocks ``[0, kept)``, for good.
-* ``retrieve`` (dynamic): in that step the head's complete prompt chunks are copied to the cold tier
-  (cold_tier.py) with their Quest min/max key summaries; every decode step the query scores the summaries
-  (GQA-summed), selects the sink chunk, the prompt's last complete chunk and the top scores, and the selected
-  chunks not resident yet are copied into blocks ``[0, kept)``, the head's hot buffer.
-
-A request shorter than ``min_prompt_tokens``, or a tier that would free nothing, attends densely. Prefill always
-attends densely. Attention itself is vLLM's own CPU paged kernel on the rewritten tables.
+Every KV head sits in a budget tier: once its prompt is processed a compressed request keeps blocks ``[0, kept)``
+plus the tail (prompt's partial block + generated tokens), and the budget manager frees ``[kept, P // bs)`` right
+after the step that completes the prompt (kv_spec.py); rows then read ``table[:kept] ++ table[P // bs:]``. Static
+heads hold their pruned prompt in ``[0, kept)``; dynamic heads a hot buffer that each decode step fills with the
+prompt chunks its query scores highest. A request shorter than ``min_prompt_tokens``, or a tier that would free
+nothing, attends densely. Prefill always attends densely.
 """
 from __future__ import annotations
 
@@ -161,6 +155,10 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             context = get_forward_context()
             caches = [kv_cache] + [context.no_compile_layers[name].kv_cache for name in self.head_names[1:]]
             base, stride = zip(*(page_address(c) for c in caches))
+            pool = pool_of(kv_cache, self.runtime.block_size, self.head_size)
+            for c, b, st in zip(caches, base, stride):           # every block of every head inside the page array
+                if b < 0 or b + st * (c.shape[0] - 1) >= pool.shape[0]:
+                    raise RuntimeError(f"HybridKV: {self.layer_name}: KV-cache view outside its allocation")
             runtime, index = self.runtime, self.layer_index
             modes = runtime.tiers.modes[index]
             dynamic = [h for h, mode in enumerate(modes) if mode == RETRIEVE]
@@ -173,7 +171,7 @@ class HybridKVImpl(CPUAttentionBackendImpl):
                 signature=tiers)
             runtime.layers[index] = self.heads
             runtime.bind_cold_tier(self.head_size, kv_cache.dtype, kv_cache.device)
-            self._bound = (key, pool_of(kv_cache, self.runtime.block_size, self.head_size))
+            self._bound = (key, pool)
         return self._bound[1]
 
     # -- forward: tensor operations on the step plan, every KV head of the layer at once

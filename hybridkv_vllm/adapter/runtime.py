@@ -146,11 +146,12 @@ class HybridKVRuntime:
     def layer_step(self, plan: StepPlan, heads: LayerHeads) -> LayerStep:
         """The layer's share of the step plan: computed for every bound layer at once, on first use in a step."""
         steps = plan.cache.get("layers")
-        if steps is None or heads.index not in steps:
+        if steps is None or steps.get(heads.index, (None,))[0] is not heads:   # a layer bound since (new cache)
             layers = [self.layers[i] for i in sorted(self.layers)]
-            steps = dict(zip((h.index for h in layers), plan_layers(plan, layers, self.cold, self.selection)))
+            steps = {h.index: (h, step) for h, step in zip(layers, plan_layers(plan, layers, self.cold,
+                                                                              self.selection))}
             plan.cache["layers"] = steps
-        return steps[heads.index]
+        return steps[heads.index][1]
 
     @staticmethod
     def kept_of_tiers(plan: StepPlan, row: int) -> torch.Tensor:
