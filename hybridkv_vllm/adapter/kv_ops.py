@@ -88,7 +88,9 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
     dec = plan.decode
     if dec is not None:
         width = dec.k_max
-        cold_tables = cold.table[dec.cold_slots]                                       # [Rr, Hdyn, C]
+        # [Rr, Hdyn, C]; a head without a cold entry (its tier keeps this prompt whole: k = 0) reads page 0,
+        # never selected, so that no kernel dereferences -1
+        cold_tables = cold.table[dec.cold_slots].clamp(min=0)
         # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
         # sinks (lower index first) above recent chunks (newest first) above scores; chunks past C last.
         c = torch.arange(cold_tables.shape[2])

@@ -237,8 +237,8 @@ def _mutate(data, doc):
         action = data.draw(st.sampled_from(["replace", "delete", "extra_key", "as_float"]), label="action")
         if action == "as_float":                        # 2 -> 2.0: the same JSON Schema integer, a Python float
             value = parent[where[-1]]
-            if isinstance(value, int) and not isinstance(value, bool):
-                parent[where[-1]] = float(value)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2 ** 53:
+                parent[where[-1]] = float(value)          # (a larger int has no float: the mutation is moot)
         elif action == "replace":
             parent[where[-1]] = copy.deepcopy(data.draw(st.sampled_from(_VALUES), label="value"))
         elif action == "delete":
