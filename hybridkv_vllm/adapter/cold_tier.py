@@ -17,9 +17,11 @@ of a layer):
   numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the chunk hot slot ``j`` holds.
 
 Pages are handed out from a free list and the allocation doubles when it runs out (bounded by ``max_bytes``,
-the ``cold_tier_gib`` setting, when set). Entries live from the step that completes a prompt until the request
-finishes, is aborted or is preempted (it recomputes its prompt, which is offloaded again, when it resumes);
-``patches.py`` releases them. On vLLM's CPU build the cold tier is host memory like the pool itself.
+the ``cold_tier_gib`` setting, when set); it is released whole once no request holds an entry. While requests run,
+the allocation can be up to twice the bytes they hold (``nbytes``, the ``hybridkv:cold_tier_bytes`` gauge).
+Entries live from the step that completes a prompt until the request finishes, is aborted or is preempted (it
+recomputes its prompt, which is offloaded again, when it resumes); ``patches.py`` releases them. On vLLM's CPU
+build the cold tier is host memory like the pool itself.
 """
 from __future__ import annotations
 
@@ -126,6 +128,10 @@ class ColdTier:
             self.table[entry.slot] = -1
             self.resident[entry.slot] = -1
             self.nbytes -= entry.nbytes
+        if not self.entries and self.pages.shape[0]:
+            # idle: hand the pooled allocation back rather than keep its capacity while reporting 0 bytes held
+            self.pages, self.kmin, self.kmax = self.pages[:0].clone(), self.kmin[:0].clone(), self.kmax[:0].clone()
+            self.free_pages = []
 
     def __len__(self) -> int:
         return len(self.entries)

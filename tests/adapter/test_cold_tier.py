@@ -43,6 +43,9 @@ def test_pages_and_slots_return_on_release_and_the_allocation_grows():
     assert tier.nbytes == (11 * 20 + 3) * HEADS * tier.page_bytes
     tier.drop(list(tier.entries))
     assert len(tier) == 0 and tier.nbytes == 0
+    assert tier.pages.shape[0] == 0 and not tier.free_pages          # the allocation goes back when idle
+    slot = tier.admit("again", 4, hot)
+    assert (tier.table[slot, :, :4] >= 0).all() and tier.pages.shape[0] >= 4 * HEADS
 
 
 def test_a_bound_refuses_growth_past_it_with_a_named_error():
