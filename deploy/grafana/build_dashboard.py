@@ -149,7 +149,8 @@ def build() -> dict:
         row("HybridKV: cost", 31),
         timeseries("Requests compressed vs bypassed",
                    "Requests per second whose KV was compressed, and those served uncompressed by reason "
-                   "(short_prompt and full_budget are expected; error/unsupported/other are alerted on).",
+                   "(short_prompt, full_budget and opt_out are expected; cold_tier_full, error, unsupported and "
+                   "other are alerted on).",
                    [target(f"sum(rate(hybridkv:requests_compressed_total{{{M}}}[{RI}]))", "compressed", "A"),
                     target(f"sum by (reason) (rate(hybridkv:requests_bypassed_total{{{M}}}[{RI}]))",
                            "bypassed: {{reason}}", "B")],

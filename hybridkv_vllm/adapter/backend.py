@@ -69,8 +69,12 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
         plan = self.runtime.plan_for(cm.query_start_loc_cpu, cm.seq_lens.cpu(), cm.num_reqs, cm.num_actual_tokens)
         if not plan.has_group(self.tier):        # a tier's layers may form several attention groups: one table
             plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
-                                                    self.spec.kept_blocks, self.spec.block_size))
+                                                    self._kept_blocks, self.spec.block_size))
         return HybridKVMetadata(plan=plan, num_actual_tokens=cm.num_actual_tokens)
+
+    def _kept_blocks(self, prompt_len: int, budget: float | None) -> int | None:
+        """The tier's rule at the request's own budget (the budget manager frees by the same one)."""
+        return self.runtime.budgets.kept(prompt_len, budget)[self.tier]
 
 
 # ----------------------------------------------------------------------------------------------- head layers

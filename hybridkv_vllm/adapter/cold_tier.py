@@ -37,6 +37,11 @@ class ColdEntry:
     nbytes: int
 
 
+def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one cold page: a chunk's K and V tiles plus its fp32 min / max summaries."""
+    return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size() + 2 * head_dim * 4
+
+
 class ColdTierFull(RuntimeError):
     """The cold tier cannot take a request without passing its bound."""
 
@@ -47,7 +52,7 @@ class ColdTier:
         self.block_size, self.head_dim, self.dtype, self.num_heads = block_size, head_dim, dtype, num_heads
         self.max_bytes, self.device = max_bytes, torch.device(device)
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
-        self.page_bytes = self.page_kv_bytes + 2 * head_dim * 4           # K and V tiles + fp32 min / max
+        self.page_bytes = page_bytes(block_size, head_dim, dtype)
         self.pages = torch.empty(0, 2 * block_size, head_dim, dtype=dtype, device=self.device)
         self.kmin = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
         self.kmax = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)

@@ -1,18 +1,20 @@
 """HybridKV's serving configuration: ``--additional-config '{"hybridkv": {...}}'`` (or ``$HYBRIDKV_CONFIG``).
 
 vLLM admits no new CLI flags from plugins, so the settings ride in vLLM's ``additional_config``; a JSON
-environment variable is the fallback for launchers that cannot pass it. Every problem is reported at engine
-start-up as a :class:`ConfigError` that names the key, the value and what is expected.
+environment variable is the fallback for launchers that cannot pass it. The section is validated against its JSON
+schema (``configs/schema/serving_config.v1.json``, with jsonschema); every problem is reported at engine start-up as
+a :class:`ConfigError` that names the key, the value and what is expected.
 
 Keys (defaults in brackets):
   profile            path of the head-profile JSON (required)
   budget             kept share of the KV cache, in (0, 1] [0.1]
   r                  per-head budget ratio dynamic : static [1.0]
-  floor_blocks       minimum blocks per head [2]
+  floor_blocks       minimum blocks per head, >= 1 [2]
   min_prompt_tokens  shorter prompts bypass compression [256]
   max_groups         most KV-cache groups the head tiers may use [16]
-  cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded]: the engine refuses to
-                     start if max_num_seqs x max_model_len could need more (runtime.py)
+  cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded: at most max_num_seqs x
+                     max_model_len, logged at start-up]: a request that would pass it is served uncompressed
+                     (requests.py)
   kv_ops             the decode executor's KV-ops implementation: "cpu" (vLLM's CPU kernels) or "triton" (the
                      project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) ["cpu"]
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
@@ -20,8 +22,10 @@ Keys (defaults in brackets):
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,6 @@ from hybridkv_vllm.core.errors import BudgetError, ConfigError
 from hybridkv_vllm.core.selection import SelectionConfig
 
 ENV_VAR = "HYBRIDKV_CONFIG"
-KV_OPS = ("cpu", "triton")
 SELECTION_KEYS = ("sink_tokens", "recent_tokens", "obs_window", "pool_kernel", "sink_chunks", "recent_chunks")
 
 
@@ -69,47 +72,61 @@ def _raw_config(additional_config: dict[str, Any] | None) -> dict[str, Any]:
     return section
 
 
-def _number(raw: dict[str, Any], key: str, kind: type, default: Any) -> Any:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
-        raise ConfigError(f"hybridkv.{key}={value!r}: expected {'an integer' if kind is int else 'a number'}")
-    return kind(value)
+SCHEMA_RESOURCE = ("hybridkv_vllm.configs", "schema/serving_config.v1.json")
+_VALIDATOR = None
+
+
+def _validator():
+    """The section's JSON schema (draft 2020-12) with ``integer`` meaning a Python ``int`` (not ``3.0``, not a bool)
+    and ``number`` excluding bools."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import jsonschema
+        base = jsonschema.Draft202012Validator
+        checker = base.TYPE_CHECKER.redefine_many({
+            "integer": lambda _c, v: isinstance(v, int) and not isinstance(v, bool),
+            "number": lambda _c, v: isinstance(v, (int, float)) and not isinstance(v, bool)})
+        schema = json.loads(resources.files(SCHEMA_RESOURCE[0]).joinpath(SCHEMA_RESOURCE[1]).read_text("utf-8"))
+        _VALIDATOR = jsonschema.validators.extend(base, type_checker=checker)(schema)
+    return _VALIDATOR
+
+
+def _schema_error(raw: dict[str, Any]) -> str | None:
+    """The first schema violation, as ``hybridkv.<key>=<value>: expected <what the schema says>``."""
+    import jsonschema
+    validator = _validator()
+    error = jsonschema.exceptions.best_match(validator.iter_errors(raw))
+    if error is None:
+        return None
+    if error.validator == "additionalProperties":
+        known = sorted(validator.schema["properties"])
+        return f"unknown hybridkv setting(s) {sorted(set(raw) - set(known))}; known: {known}"
+    if error.validator == "required":
+        return ('hybridkv.profile is missing: the head-profile JSON to serve with '
+                '(make one with `hybridkv profile --model DIR --out FILE`)')
+    key = error.absolute_path[0]
+    return f"hybridkv.{key}={raw[key]!r}: expected {validator.schema['properties'][key]['description']}"
 
 
 def parse_config(additional_config: dict[str, Any] | None) -> HybridKVConfig:
-    """Validate the ``hybridkv`` section (types, ranges, unknown keys, the profile file's existence)."""
+    """Validate the ``hybridkv`` section against its JSON schema (configs/schema/serving_config.v1.json: types,
+    ranges, unknown keys), then the profile file's existence and the budget rule's own checks."""
     raw = _raw_config(additional_config)
-    known = {f.name for f in fields(HybridKVConfig)} - {"selection"} | set(SELECTION_KEYS)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown hybridkv setting(s) {unknown}; known: {sorted(known)}")
-    if "profile" not in raw:
-        raise ConfigError('hybridkv.profile is missing: the head-profile JSON to serve with '
-                          '(make one with `hybridkv profile --model DIR --out FILE`)')
-    profile = Path(str(raw["profile"])).expanduser()
+    nonfinite = [k for k, v in raw.items() if isinstance(v, float) and not math.isfinite(v)]
+    message = f"hybridkv.{nonfinite[0]}={raw[nonfinite[0]]!r}: expected a finite number" if nonfinite \
+        else _schema_error(raw)
+    if message is not None:
+        raise ConfigError(message)
+    profile = Path(raw["profile"]).expanduser()
     if not profile.is_file():
         raise ConfigError(f"hybridkv.profile={str(profile)!r}: no such file")
-    cfg = HybridKVConfig(
-        profile=profile,
-        budget=_number(raw, "budget", float, 0.1),
-        r=_number(raw, "r", float, 1.0),
-        floor_blocks=_number(raw, "floor_blocks", int, 2),
-        min_prompt_tokens=_number(raw, "min_prompt_tokens", int, 256),
-        max_groups=_number(raw, "max_groups", int, 16),
-        cold_tier_gib=_number(raw, "cold_tier_gib", float, 0) if "cold_tier_gib" in raw else None,
-        kv_ops=raw.get("kv_ops", "cpu"),
-        selection={k: _number(raw, k, int, 0) for k in SELECTION_KEYS if k in raw},
-    )
-    if cfg.kv_ops not in KV_OPS:
-        raise ConfigError(f"hybridkv.kv_ops={cfg.kv_ops!r}: expected one of {list(KV_OPS)}")
+    defaults = {f.name: f.default for f in fields(HybridKVConfig) if f.name not in ("profile", "selection")}
+    values = {key: raw.get(key, default) for key, default in defaults.items()}
+    values.update({key: float(values[key]) for key in ("budget", "r", "cold_tier_gib") if values[key] is not None})
+    cfg = HybridKVConfig(profile=profile, **values, selection={k: raw[k] for k in SELECTION_KEYS if k in raw})
     try:
         cfg.budget_config(block_size=16)
         cfg.selection_config(block_size=16)
     except BudgetError as exc:
         raise ConfigError(f"hybridkv: {exc}") from exc
-    if cfg.cold_tier_gib is not None and cfg.cold_tier_gib <= 0:
-        raise ConfigError(f"hybridkv.cold_tier_gib={cfg.cold_tier_gib}: expected a number of GiB > 0")
-    if cfg.max_groups < 1 or cfg.min_prompt_tokens < 0:
-        raise ConfigError(f"hybridkv.max_groups={cfg.max_groups}, min_prompt_tokens={cfg.min_prompt_tokens}: "
-                          "expected max_groups >= 1 and min_prompt_tokens >= 0")
     return cfg

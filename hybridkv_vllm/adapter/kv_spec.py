@@ -48,13 +48,19 @@ class HybridKVBudgetSpec(AttentionSpec):
 
 
 class HybridKVBudgetManager(FullAttentionManager):
-    """Frees the pruned prompt gap of a budget tier once the prompt is processed."""
+    """Frees the pruned prompt gap of a budget tier once the prompt is processed, by the request's own budget or
+    opt-out as the scheduler decided it when the request was first scheduled (requests.py)."""
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return
-        kept = self.kv_cache_spec.kept_blocks(num_prompt_tokens)
+        from hybridkv_vllm.adapter import runtime
+        state = runtime._runtime
+        if state is None:            # no runtime in this process: no request can have been given its own setting
+            kept = self.kv_cache_spec.kept_blocks(num_prompt_tokens)
+        else:
+            kept = state.admission.kept_blocks(request_id, self.kv_cache_spec.tier, num_prompt_tokens)
         if kept is None:
             return
         self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)

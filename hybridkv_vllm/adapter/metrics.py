@@ -84,13 +84,15 @@ HEAD_TYPES: tuple[str, ...] = ("static", "dynamic")
 BYPASS_REASONS: tuple[str, ...] = (
     "short_prompt",   # the prompt fits in the floor of blocks per head: nothing to prune
     "full_budget",    # budget >= 1.0 or the plan keeps every block
+    "opt_out",        # the request asked for it (vllm_xargs hybridkv_budget "off", adapter/requests.py)
+    "cold_tier_full",  # the cold tier's bound (hybridkv.cold_tier_gib) was reached: served in vLLM's pool
     "prefix_cached",  # the prompt's KV came from the prefix cache / a KV connector, not this prefill
     "unsupported",    # a feature the backend does not compress (e.g. a sampling or parallel mode)
     "error",          # compression failed and the request fell back to full KV
     "other",
 )
 #: Bypass reasons that are part of normal operation (not alerted on).
-EXPECTED_BYPASS_REASONS: tuple[str, ...] = ("short_prompt", "full_budget")
+EXPECTED_BYPASS_REASONS: tuple[str, ...] = ("short_prompt", "full_budget", "opt_out")
 
 #: Histogram buckets of :data:`COMPRESSION_TIME` (seconds): 0.5 ms .. 10 s, like vLLM's latency buckets.
 COMPRESSION_TIME_BUCKETS: tuple[float, ...] = (

@@ -11,9 +11,15 @@ expected shape) and version-checked against the vLLM range this plugin was built
    Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
 3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and preempted
    requests, and zeroes the blocks-held gauges once no request is left (see below).
+4. Per-request settings (requests.py): ``InputProcessor._validate_params`` (API server and offline ``LLM``) refuses a
+   bad ``hybridkv_budget`` with vLLM's validation error (HTTP 400); ``Scheduler.__init__`` builds the runtime in the
+   scheduler's process; ``NewRequestData.from_request`` (a request's first schedule) decides the request's budget,
+   opt-out and cold-tier admission once and hands the decision to the worker in the request's extra arguments;
+   ``Scheduler._free_request`` releases it.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -60,6 +66,7 @@ def patch_cpu_backend_selection(backend_path: str) -> None:
 
 
 def _rows_of(runner, num_reqs: int):
+    from hybridkv_vllm.adapter.requests import RequestSetting
     from hybridkv_vllm.adapter.runtime import RowContext
     batch = runner.input_batch
     rows = []
@@ -69,7 +76,9 @@ def _rows_of(runner, num_reqs: int):
         for feature in getattr(state, "mm_features", None) or []:
             pos = feature.mm_position
             spans.append((int(pos.offset), int(pos.offset) + int(pos.length)))
-        rows.append(RowContext(req_id=req_id, prompt_len=int(batch.num_prompt_tokens[i]), visual_spans=spans))
+        params = getattr(state, "sampling_params", None)
+        rows.append(RowContext(req_id=req_id, prompt_len=int(batch.num_prompt_tokens[i]), visual_spans=spans,
+                               setting=RequestSetting.of(getattr(params, "extra_args", None))))
     return rows
 
 
@@ -127,8 +136,93 @@ def patch_v1_runner_request_release() -> None:
     _applied.add("v1_request_release")
 
 
+def patch_request_validation() -> None:
+    """4a. A bad ``hybridkv_budget`` is refused where vLLM validates a request (HTTP 400 in the API server)."""
+    if "request_validation" in _applied:
+        return
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from hybridkv_vllm.adapter.requests import RESOLVED, XARG_BUDGET, RequestSettingError, validate_extra_args
+    from hybridkv_vllm.adapter.runtime import uses_hybridkv
+
+    original = InputProcessor._validate_params
+
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        if isinstance(params, SamplingParams) and params.extra_args and uses_hybridkv(self.vllm_config):
+            if RESOLVED in params.extra_args:
+                raise VLLMValidationError(f"vllm_xargs.{RESOLVED} is set by the server, not by requests",
+                                          parameter=f"vllm_xargs.{RESOLVED}")
+            try:
+                validate_extra_args(params.extra_args)
+            except RequestSettingError as err:
+                raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{XARG_BUDGET}",
+                                          value=params.extra_args.get(XARG_BUDGET)) from err
+        return original(self, params, *args, **kwargs)
+
+    InputProcessor._validate_params = _validate_params
+    _applied.add("request_validation")
+
+
+def patch_scheduler_admission() -> None:
+    """4b. The scheduler decides each request's setting at its first schedule and forgets it when it finishes."""
+    if "scheduler_admission" in _applied:
+        return
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from hybridkv_vllm.adapter import runtime
+    from hybridkv_vllm.adapter.requests import RESOLVED
+
+    init, schedule, free = Scheduler.__init__, Scheduler.schedule, Scheduler._free_request
+    from_request = NewRequestData.from_request.__func__
+    scheduling: list = [None]        # the admission of the scheduler inside schedule() (one engine thread)
+
+    @functools.wraps(init)
+    def __init__(self, vllm_config, *args, **kwargs):
+        # the budget manager and the admission read the runtime in this process: build it (and check it) here
+        self._hybridkv = runtime.get_runtime(vllm_config) if runtime.uses_hybridkv(vllm_config) else None
+        init(self, vllm_config, *args, **kwargs)
+
+    @functools.wraps(schedule)
+    def _schedule(self, *args, **kwargs):
+        scheduling[0] = getattr(self, "_hybridkv", None)
+        try:
+            return schedule(self, *args, **kwargs)
+        finally:
+            scheduling[0] = None
+
+    @functools.wraps(from_request)
+    def _from_request(cls, request, *args, **kwargs):
+        state, params = scheduling[0], request.sampling_params
+        if state is not None and params is not None:
+            setting = state.admission.admit(request.request_id, request.num_prompt_tokens, params.extra_args)
+            # the request's own copy (a shallow clone may share extra_args with other requests)
+            params = copy.copy(params)
+            params.extra_args = {**(params.extra_args or {}), RESOLVED: setting.as_extra_arg()}
+            request.sampling_params = params
+        return from_request(cls, request, *args, **kwargs)
+
+    @functools.wraps(free)
+    def _free_request(self, request, *args, **kwargs):
+        result = free(self, request, *args, **kwargs)
+        if getattr(self, "_hybridkv", None) is not None:
+            self._hybridkv.admission.release(request.request_id)
+        return result
+
+    Scheduler.__init__ = __init__
+    Scheduler.schedule = _schedule
+    Scheduler._free_request = _free_request
+    NewRequestData.from_request = classmethod(_from_request)
+    _applied.add("scheduler_admission")
+
+
 def apply_all(backend_path: str) -> None:
     _check_version()
     patch_cpu_backend_selection(backend_path)
     patch_v1_runner_batch_context()
     patch_v1_runner_request_release()
+    patch_request_validation()
+    patch_scheduler_admission()

@@ -19,16 +19,17 @@ import torch
 
 from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
-from hybridkv_vllm.adapter.cold_tier import ColdTier, ColdTierFull
+from hybridkv_vllm.adapter.cold_tier import ColdTier, ColdTierFull, page_bytes
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
+from hybridkv_vllm.adapter.requests import Admission, RequestSetting
 from hybridkv_vllm.adapter.static_heads import ObservationStash
 from hybridkv_vllm.core.budgets import BudgetPlan, allocate
 from hybridkv_vllm.core.errors import ConfigError
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.core.step_plan import StepPlan, plan_rows
-from hybridkv_vllm.core.tiers import RETRIEVE, TierPlan, plan_tiers
+from hybridkv_vllm.core.tiers import RETRIEVE, TierBudgets, TierPlan, plan_tiers
 
 logger = logging.getLogger("hybridkv")
 
@@ -40,6 +41,7 @@ class RowContext:
     req_id: str
     prompt_len: int
     visual_spans: list[tuple[int, int]]     # [start, end) of placeholder (image/video) tokens in the prompt
+    setting: RequestSetting = field(default_factory=RequestSetting)   # the scheduler's decision (requests.py)
 
     def visual_mask(self, length: int) -> torch.Tensor:
         mask = torch.zeros(length, dtype=torch.bool)
@@ -67,6 +69,8 @@ class HybridKVRuntime:
     selection: SelectionConfig
     block_size: int
     accounting: StepAccounting
+    budgets: TierBudgets                   # a request's budget -> blocks kept per tier (scheduler and worker)
+    admission: Admission                   # scheduler side: per-request decisions, cold-tier reservations
     kv_ops_kind: str = "cpu"
     kv_dtype: torch.dtype = torch.float32
     batch: BatchContext = field(default_factory=BatchContext)
@@ -107,10 +111,13 @@ class HybridKVRuntime:
         """The step plan of the batch being built (made by the first KV-cache group's builder)."""
         if self.step is None or self._step_batch is not self.batch:
             cfg, rows = self.config, self.batch.rows
+            settings = [rows[r].setting if r < len(rows) else RequestSetting() for r in range(num_reqs)]
             plan_rows_ = plan_rows([rows[r].req_id if r < len(rows) else None for r in range(num_reqs)],
                                    [self.batch.prompt_len(r) for r in range(num_reqs)],
                                    query_start_loc.tolist()[:num_reqs + 1], seq_lens.tolist()[:num_reqs],
-                                   self.block_size, cfg.floor_blocks, cfg.min_prompt_tokens)
+                                   self.block_size, cfg.floor_blocks, cfg.min_prompt_tokens,
+                                   budgets=[s.budget for s in settings],
+                                   bypass=[s.bypass is not None for s in settings])
             self.step = StepPlan(plan_rows_, num_tokens, query_start_loc[:num_reqs + 1], self.block_size)
             self._step_batch = self.batch
         return self.step
@@ -128,8 +135,8 @@ class HybridKVRuntime:
                 try:
                     cold.admit(row.req_id, row.prompt_len // bs, self.kept_of_tiers(plan, r)[self.dynamic_tiers])
                 except ColdTierFull as err:
-                    # cannot happen while start-up's worst-case check holds (runtime._check_cold_tier); if it
-                    # does, this request's dynamic heads keep their first chunks only, the engine goes on
+                    # cannot happen: the scheduler reserved this request's pages within the bound (requests.py);
+                    # if it did, this request's dynamic heads would keep their first chunks only, the engine goes on
                     logger.error("HybridKV: request %s gets no cold-tier entry: %s", row.req_id, err)
         plan.finalize(len(self.tiers.tiers), cold.slot_of)
         if plan.decode is not None:
@@ -207,22 +214,21 @@ def _root_hf_config(model_config):
 
 
 def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, head_dim: int,
-                     dtype_bytes: int) -> None:
-    """The cold tier holds the complete prompt chunks of every running request's dynamic heads: K and V per token,
-    plus fp32 min/max summaries per chunk (= block) and channel. Its worst case is logged, and checked against
-    ``cold_tier_gib`` when that is set."""
+                     dtype: torch.dtype) -> None:
+    """The cold tier holds the complete prompt chunks of every running request's dynamic heads (one page per chunk
+    and head: ``cold_tier.page_bytes``). Its worst case is logged; at run time the scheduler keeps it within
+    ``cold_tier_gib`` (requests.py): requests past the bound are served uncompressed."""
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     max_model_len = vllm_config.model_config.max_model_len
-    per_token = dynamic_heads * head_dim * (2 * dtype_bytes + 2 * 4 / vllm_config.cache_config.block_size)
-    bound_gib = max_num_seqs * max_model_len * per_token / 2**30
+    bs = vllm_config.cache_config.block_size
+    bound_gib = max_num_seqs * (max_model_len // bs) * dynamic_heads * page_bytes(bs, head_dim, dtype) / 2**30
     logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
                 "%.2f GiB of host memory (max_num_seqs %d x max_model_len %d)", dynamic_heads, bound_gib,
                 max_num_seqs, max_model_len)
     if config.cold_tier_gib is not None and bound_gib > config.cold_tier_gib:
-        raise ConfigError(f"hybridkv.cold_tier_gib={config.cold_tier_gib:g}: the cold tier may need up to "
-                          f"{bound_gib:.2f} GiB (max_num_seqs {max_num_seqs} x max_model_len {max_model_len} "
-                          f"x {dynamic_heads} dynamic heads): lower --max-num-seqs or --max-model-len, or raise "
-                          "hybridkv.cold_tier_gib")
+        logger.warning("HybridKV: hybridkv.cold_tier_gib=%g is below that worst case: when the cold tier is full, "
+                       "new requests are served uncompressed (hybridkv:requests_bypassed_total"
+                       "{reason=\"cold_tier_full\"})", config.cold_tier_gib)
 
 
 def _check_kv_ops(config: HybridKVConfig) -> None:
@@ -251,24 +257,34 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     tiers = plan_tiers(budget_plan, max_groups=config.max_groups)
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
                 tiers.summary())
-    dtype_bytes = torch.empty(0, dtype=vllm_config.model_config.dtype).element_size()
-    _check_cold_tier(config, vllm_config, int((~budget_plan.is_static).sum()), profile.model.head_dim, dtype_bytes)
-    accounting = StepAccounting(tiers=tiers, block_size=block_size, floor_blocks=config.floor_blocks,
-                                min_prompt_tokens=config.min_prompt_tokens,
+    dtype = vllm_config.model_config.dtype
+    dtype_bytes = torch.empty(0, dtype=dtype).element_size()
+    _check_cold_tier(config, vllm_config, int((~budget_plan.is_static).sum()), profile.model.head_dim, dtype)
+    budgets = TierBudgets(profile, config.budget_config(block_size), tiers, config.min_prompt_tokens)
+    accounting = StepAccounting(budgets=budgets,
                                 block_bytes=tiers.group_size * block_size * 2 * profile.model.head_dim * dtype_bytes)
     served = vllm_config.model_config.served_model_name or vllm_config.model_config.model
     metrics.configure(model_name=str(served[0] if isinstance(served, (list, tuple)) else served))
     metrics.set_profile_info(profile.model.architecture, profile.schema_version, config.budget,
                              profile.model.fingerprint)
+    max_bytes = None if config.cold_tier_gib is None else int(config.cold_tier_gib * 2**30)
+    admission = Admission(budgets, page_bytes(block_size, profile.model.head_dim, dtype), max_bytes)
     return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
                            selection=config.selection_config(block_size), block_size=block_size,
-                           accounting=accounting, kv_ops_kind=config.kv_ops, kv_dtype=vllm_config.model_config.dtype)
+                           accounting=accounting, budgets=budgets, admission=admission, kv_ops_kind=config.kv_ops,
+                           kv_dtype=dtype)
 
 
 def _key(vllm_config) -> str:
     model = vllm_config.model_config
     return json.dumps([model.model, vllm_config.cache_config.block_size, vllm_config.additional_config],
                       sort_keys=True, default=str)
+
+
+def uses_hybridkv(vllm_config) -> bool:
+    """Whether this engine's attention backend is HYBRIDKV (``--attention-backend HYBRIDKV``)."""
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    return getattr(backend, "name", None) == "HYBRIDKV"
 
 
 def get_runtime(vllm_config=None) -> HybridKVRuntime:

@@ -38,7 +38,8 @@ class RowPlan:
     q_start: int
     q_end: int
     seq_len: int
-    compressed: bool              # min_prompt_tokens and the floor allow compression at all
+    compressed: bool              # min_prompt_tokens and the floor allow compression, and the request did not opt out
+    budget: float | None = None   # the request's own budget (None: the server's; core.tiers.TierBudgets)
 
     @property
     def completes_prompt(self) -> bool:
@@ -55,12 +56,17 @@ class RowPlan:
 
 
 def plan_rows(req_ids: list[str | None], prompt_lens: list[int | None], query_start_loc: list[int],
-              seq_lens: list[int], block_size: int, floor_blocks: int, min_prompt_tokens: int) -> list[RowPlan]:
+              seq_lens: list[int], block_size: int, floor_blocks: int, min_prompt_tokens: int,
+              budgets: list[float | None] | None = None, bypass: list[bool] | None = None) -> list[RowPlan]:
+    """The step's rows; ``budgets`` / ``bypass``: each request's own budget and whether it runs uncompressed
+    (its choice, or the cold tier's admission: ``adapter/requests.py``)."""
     rows = []
     for r, (req_id, p) in enumerate(zip(req_ids, prompt_lens)):
         q_start, q_end, seq_len = query_start_loc[r], query_start_loc[r + 1], seq_lens[r]
-        compressed = p is not None and is_compressed(p, block_size, floor_blocks, min_prompt_tokens)
-        rows.append(RowPlan(req_id, p, seq_len - (q_end - q_start), q_start, q_end, seq_len, compressed))
+        compressed = (p is not None and not (bypass and bypass[r])
+                      and is_compressed(p, block_size, floor_blocks, min_prompt_tokens))
+        rows.append(RowPlan(req_id, p, seq_len - (q_end - q_start), q_start, q_end, seq_len, compressed,
+                            budgets[r] if budgets else None))
     return rows
 
 
@@ -76,10 +82,11 @@ class GroupTables:
 
 
 def rewrite_group(rows: list[RowPlan], table: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor,
-                  kept_blocks: Callable[[int], int | None], block_size: int) -> GroupTables:
-    """The tier's rewritten table: compressed rows past their prompt read ``table[:kept] ++ table[P // bs:]``."""
+                  kept_blocks: Callable[[int, float | None], int | None], block_size: int) -> GroupTables:
+    """The tier's rewritten table: compressed rows past their prompt read ``table[:kept] ++ table[P // bs:]``;
+    ``kept_blocks(prompt_len, request_budget)`` is the tier's rule (``core.tiers.TierBudgets.kept``)."""
     R, M = len(rows), table.shape[1]
-    kept = torch.tensor([(kept_blocks(row.prompt_len) or 0) if row.compressed else 0 for row in rows],
+    kept = torch.tensor([(kept_blocks(row.prompt_len, row.budget) or 0) if row.compressed else 0 for row in rows],
                         dtype=torch.long)
     first_tail = torch.tensor([(row.prompt_len or 0) // block_size for row in rows], dtype=torch.long)
     rewrite = torch.tensor([row.after_prompt for row in rows], dtype=torch.bool) & (kept > 0)

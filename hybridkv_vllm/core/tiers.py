@@ -20,11 +20,11 @@ the fewest extra tokens wins (ties: fewer groups).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from hybridkv_vllm.core.budgets import BudgetPlan
+from hybridkv_vllm.core.budgets import BudgetConfig, BudgetPlan, allocate
 
 # What one KV head does at decode.
 RETRIEVE = "retrieve"   # dynamic head: top-k cold prompt chunks in a hot buffer + the hot tail
@@ -119,6 +119,56 @@ def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks:
 def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_prompt_tokens: int) -> bool:
     """Whether a request is compressed at all (its budget tiers free something at the floor budget)."""
     return kept_blocks(prompt_len, 0.0, block_size, floor_blocks, min_prompt_tokens) is not None
+
+
+class TierBudgets:
+    """A request's budget -> the blocks each tier keeps of its prompt: the one rule that the scheduler-side budget
+    manager (which frees blocks ``[kept, P // bs)``), the worker (which reads, compacts and offloads) and the
+    cold-tier admission (which counts the pages a request will hold) all apply.
+
+    The server's budget gives each tier its own fraction. A request may carry its own budget (vLLM's per-request
+    extra arguments, ``adapter/requests.py``): the allocator is run again at that budget on the same profile and
+    ``r``, and each tier takes the largest fraction of its heads (the promotion rule of :func:`plan_tiers`, with
+    the tiers fixed: they are vLLM's KV-cache groups). Results are cached per distinct budget (a bounded cache:
+    budgets come from requests).
+    """
+
+    CACHE = 256
+
+    def __init__(self, heads, cfg: BudgetConfig, tiers: TierPlan, min_prompt_tokens: int) -> None:
+        self.heads, self.cfg, self.tiers, self.min_prompt_tokens = heads, cfg, tiers, min_prompt_tokens
+        self._fractions: dict[float, tuple[float, ...]] = {}
+        self._dynamic = [sum(1 for l, h in t.heads if tiers.modes[l][h] == RETRIEVE) for t in tiers.tiers]
+
+    def fractions(self, budget: float | None = None) -> tuple[float, ...]:
+        """Each tier's kept share of a prompt at ``budget`` (None: the server's)."""
+        if budget is None or budget == self.cfg.budget:
+            return tuple(t.fraction for t in self.tiers.tiers)
+        out = self._fractions.get(budget)
+        if out is None:
+            plan = allocate(self.heads, replace(self.cfg, budget=float(budget)))
+            out = tuple(max(float(plan.fractions[l, h]) for l, h in t.heads) for t in self.tiers.tiers)
+            if len(self._fractions) >= self.CACHE:
+                self._fractions.pop(next(iter(self._fractions)))
+            self._fractions[budget] = out
+        return out
+
+    def kept(self, prompt_len: int, budget: float | None = None) -> tuple[int | None, ...]:
+        """Per tier: blocks kept of a prompt of ``prompt_len`` tokens (None: that tier keeps every block)."""
+        cfg = self.cfg
+        return tuple(kept_blocks(prompt_len, f, cfg.block_size, cfg.floor_blocks, self.min_prompt_tokens)
+                     for f in self.fractions(budget))
+
+    def compressed(self, prompt_len: int) -> bool:
+        return is_compressed(prompt_len, self.cfg.block_size, self.cfg.floor_blocks, self.min_prompt_tokens)
+
+    def cold_pages(self, prompt_len: int, budget: float | None = None) -> int:
+        """Cold-tier pages a compressed request holds: one per complete prompt chunk (= block) of every dynamic
+        head whose tier frees blocks (``adapter/cold_tier.py``)."""
+        if not self.compressed(prompt_len):
+            return 0
+        heads = sum(n for n, k in zip(self._dynamic, self.kept(prompt_len, budget)) if k is not None)
+        return heads * (prompt_len // self.cfg.block_size)
 
 
 class TieredPolicy:

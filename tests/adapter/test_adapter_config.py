@@ -37,6 +37,11 @@ def test_defaults_and_values(profile):
     ({"profile": "P", "obs_window": 0}, "obs_window=0"),
     ({"profile": "P", "cold_tier_gib": 0}, "cold_tier_gib=0"),
     ({"profile": "P", "cold_tier_gib": "8"}, "hybridkv.cold_tier_gib='8'"),
+    ({"profile": "P", "budget": float("nan")}, "hybridkv.budget=nan: expected a finite number"),
+    ({"profile": "P", "budget": True}, "hybridkv.budget=True"),
+    ({"profile": "P", "floor_blocks": 0}, "hybridkv.floor_blocks=0: expected an integer >= 1"),
+    ({"profile": "P", "kv_ops": "cuda"}, "hybridkv.kv_ops='cuda': expected one of"),
+    ({"profile": 7}, "hybridkv.profile=7"),
 ])
 def test_bad_settings_are_named(profile, section, message, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
@@ -53,3 +58,17 @@ def test_environment_fallback(profile, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "{not json")
     with pytest.raises(ConfigError, match=ENV_VAR):
         parse_config({})
+
+
+def test_schema_and_config_know_the_same_keys():
+    """The JSON schema is the single list of settings: every field of the config (and selection key) is in it."""
+    from dataclasses import fields
+
+    from hybridkv_vllm.adapter.config import SELECTION_KEYS, HybridKVConfig, _validator
+    schema_keys = set(_validator().schema["properties"])
+    assert schema_keys == {f.name for f in fields(HybridKVConfig)} - {"selection"} | set(SELECTION_KEYS)
+
+
+def test_numbers_are_floats(profile):
+    cfg = parse_config({"hybridkv": {"profile": profile, "budget": 1, "r": 2, "cold_tier_gib": 3}})
+    assert (type(cfg.budget), type(cfg.r), type(cfg.cold_tier_gib)) == (float, float, float)

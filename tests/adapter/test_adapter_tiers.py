@@ -3,6 +3,7 @@ budget manager and the worker equals the core allocator's token budgets."""
 from __future__ import annotations
 
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,31 @@ def test_tier_plan_of_a_tensor_parallel_slice():
         assert torch.equal(part.is_static, profile.is_static[:, 2 * rank:2 * rank + 2])
         tiers = plan_tiers(allocate(part, BudgetConfig(budget=0.1, block_size=16)))
         assert sorted(h for t in tiers.tiers for h in t.heads) == [(l, h) for l in range(4) for h in range(2)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(head_tables(), st.floats(0.01, 1.0), st.integers(0, 6000))
+def test_request_budgets_follow_the_allocator(table, request_budget, prompt_len):
+    """A request's own budget: each tier keeps its largest head's share of the allocator run at that budget; the
+    server's budget gives the tiers' own fractions; more budget never keeps less; the cold pages counted for
+    admission are one per complete chunk of every dynamic head whose tier frees blocks."""
+    from hybridkv_vllm.core.tiers import TierBudgets
+
+    is_static, weights, budget, max_groups = table
+    heads = (is_static, weights.to(torch.float64))
+    cfg = BudgetConfig(budget=budget, block_size=16, floor_blocks=2)
+    tiers = plan_tiers(allocate(heads, cfg), max_groups=max_groups)
+    budgets = TierBudgets(heads, cfg, tiers, min_prompt_tokens=256)
+    assert budgets.fractions() == budgets.fractions(budget) == tuple(t.fraction for t in tiers.tiers)
+    other = allocate(heads, BudgetConfig(budget=request_budget, block_size=16, floor_blocks=2))
+    assert budgets.fractions(request_budget) == pytest.approx(
+        [max(float(other.fractions[l, h]) for l, h in t.heads) for t in tiers.tiers], rel=1e-12)
+    kept = budgets.kept(prompt_len, request_budget)
+    assert kept == tuple(kept_blocks(prompt_len, f, 16, 2, 256) for f in budgets.fractions(request_budget))
+    more = budgets.kept(prompt_len, min(1.0, request_budget * 2))
+    every = prompt_len // 16                                           # None: the tier keeps every block
+    assert all((a if a is not None else every) >= (b if b is not None else every) for a, b in zip(more, kept))
+    dynamic = [(l, h) for l in range(is_static.shape[0]) for h in range(is_static.shape[1]) if not is_static[l, h]]
+    expect = sum(prompt_len // 16 for l, h in dynamic if kept[tiers.tier_of[l][h]] is not None) \
+        if budgets.compressed(prompt_len) else 0
+    assert budgets.cold_pages(prompt_len, request_budget) == expect

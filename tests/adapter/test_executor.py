@@ -101,7 +101,7 @@ def build(ops, num_rows: int, seed: int):
     for t in range(H):
         slots = torch.stack([tables[t, r, (s - 1) // BS].long() * BS + (s - 1) % BS for r, s in enumerate(seq_lens)])
         plan.add_group(t, rewrite_group(rows, tables[t], torch.tensor(seq_lens, dtype=torch.int32), slots,
-                                        lambda p, kept=KEPT[t]: kept, BS))
+                                        lambda p, budget, kept=KEPT[t]: kept, BS))
     plan.finalize(H, cold.slot_of)
     new_kv = (torch.stack([k[-1] for k in k_all]), torch.stack([v[-1] for v in v_all]))
     return plan, heads, pool, cold, k_all, v_all, kept_positions, new_kv

@@ -50,7 +50,7 @@ def build(rows, with_slot=lambda req: 0):
     plan = StepPlan(plan_rows_, qsl[-1], torch.tensor(qsl, dtype=torch.int32), BS)
     for t, fraction in enumerate(FRACTIONS):
         slots = torch.arange(qsl[-1], dtype=torch.long)
-        rule = lambda p, f=fraction: kept_blocks(p, f, BS, FLOOR, MIN_PROMPT)      # noqa: E731
+        rule = lambda p, budget, f=fraction: kept_blocks(p, f, BS, FLOOR, MIN_PROMPT)      # noqa: E731
         plan.add_group(t, rewrite_group(plan_rows_, tables[t], torch.tensor(seq_lens, dtype=torch.int32), slots,
                                         rule, BS))
     plan.finalize(len(FRACTIONS), with_slot)

@@ -72,3 +72,46 @@ def run_to_completion(llm, max_steps: int = 10_000, on_step=None) -> dict:
         if on_step is not None:
             on_step(step)
     return outputs
+
+
+def _head_of(layer_name: str) -> tuple[int, int]:
+    import re
+    layer = int(re.search(r"layers\.(\d+)\.", layer_name).group(1))
+    head = re.search(r"\.hkv_h(\d+)$", layer_name)
+    return layer, int(head.group(1)) if head else 0
+
+
+def expected_blocks(llm, profile_path, budget: float, prompt_len: int, num_tokens: int,
+                    floor_blocks: int = 2) -> list[int]:
+    """Blocks a compressed request holds per KV-cache group, from the profile and the budget alone: the core
+    allocator's tokens per head at ``budget``, a group keeping its largest head's, plus the tail blocks."""
+    from hybridkv_vllm.core.budgets import BudgetConfig, allocate
+    from hybridkv_vllm.core.profile import HeadProfile
+    groups = scheduler_of(llm).kv_cache_config.kv_cache_groups
+    bs = groups[0].kv_cache_spec.block_size
+    tokens = allocate(HeadProfile.load(profile_path),
+                      BudgetConfig(budget=budget, block_size=bs, floor_blocks=floor_blocks)).tokens_for(prompt_len)
+    full = -(-num_tokens // bs)
+    expected = []
+    for group in groups:
+        heads = [_head_of(name) for name in group.layer_names]
+        kept = max(int(tokens[l, h]) for l, h in heads) // bs
+        expected.append(kept + full - prompt_len // bs if kept < prompt_len // bs else full)
+    return expected
+
+
+def full_blocks(llm, num_tokens: int) -> list[int]:
+    """Blocks an uncompressed request holds per group."""
+    groups = scheduler_of(llm).kv_cache_config.kv_cache_groups
+    return [-(-num_tokens // g.kv_cache_spec.block_size) for g in groups]
+
+
+def counter_total(name: str, **labels) -> float:
+    """Sum of a counter's samples in this process's default registry (in-process engines), over other labels."""
+    from prometheus_client import REGISTRY
+    total = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -3,7 +3,6 @@ pool gets every block back, and vLLM admits more concurrent compressed requests 
 from __future__ import annotations
 
 import gc
-import re
 
 import pytest
 from vllm import SamplingParams
@@ -13,7 +12,8 @@ from hybridkv_vllm.core.tiers import plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
 
-from engine_utils import free_blocks, held_blocks, make_llm, run_to_completion, scheduler_of, text_prompt
+from engine_utils import (expected_blocks, free_blocks, held_blocks, make_llm, run_to_completion, scheduler_of,
+                          text_prompt)
 
 pytestmark = pytest.mark.engine
 BUDGET = 0.1
@@ -22,28 +22,6 @@ BS = 32
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _head_of(layer_name: str) -> tuple[int, int]:
-    layer = int(re.search(r"layers\.(\d+)\.", layer_name).group(1))
-    head = re.search(r"\.hkv_h(\d+)$", layer_name)
-    return layer, int(head.group(1)) if head else 0
-
-
-def _expected_blocks(llm, profile_path, prompt_len: int, num_tokens: int) -> list[int]:
-    """Per KV-cache group, from the profile and budget alone (core allocator; tiers keep their largest head)."""
-    plan = allocate(HeadProfile.load(profile_path), BudgetConfig(budget=BUDGET, block_size=BS))
-    tokens = plan.tokens_for(prompt_len)
-    expected = []
-    for group in scheduler_of(llm).kv_cache_config.kv_cache_groups:
-        heads = [_head_of(name) for name in group.layer_names]
-        full = _cdiv(num_tokens, BS)
-        if type(group.kv_cache_spec).__name__ == "HybridKVBudgetSpec":
-            kept = max(int(tokens[l, h]) for l, h in heads) // BS
-            expected.append(kept + full - prompt_len // BS)
-        else:
-            expected.append(full)
-    return expected
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +45,8 @@ def test_blocks_held_match_profile_and_budget(hybrid_llm, profile_path):
         if request is None or step not in (2, 20):
             return
         held = held_blocks(llm, internal_id)
-        expected = _expected_blocks(llm, profile_path, request.num_prompt_tokens, request.num_computed_tokens)
-        assert all(abs(h - e) <= 1 for h, e in zip(held, expected)), (step, held, expected)
+        expected = expected_blocks(llm, profile_path, BUDGET, request.num_prompt_tokens, request.num_computed_tokens)
+        assert held == expected, (step, held, expected)
         # Real freeing: the groups hold far fewer blocks than the tokens need at full length, and the pool saw it.
         assert sum(held) < len(held) * _cdiv(request.num_computed_tokens, BS)
         assert free_at_start - free_blocks(llm) == sum(held)

@@ -65,6 +65,20 @@ def test_chat_with_image_and_bad_requests(server):
     assert 400 <= status < 500
     status, _ = _post(server, {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
     assert 400 <= status < 500
+    # per-request control: a bad budget is a 400 naming it; a request may opt out or bring its own budget
+    for bad in (2, 0, "lots", "nan"):
+        status, body = _post(server, {"model": "smollm2-vl", "max_tokens": 4, "vllm_xargs": {"hybridkv_budget": bad},
+                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400, (bad, status, body)
+        assert "hybridkv_budget" in json.dumps(body), body
+    status, body = _post(server, {"model": "smollm2-vl", "max_tokens": 4, "vllm_xargs": {"hybridkv_resolved": 1},
+                                  "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and "hybridkv_resolved" in json.dumps(body)
+    for own in ("off", 0.3):
+        status, body = _post(server, {"model": "smollm2-vl", "max_tokens": 16, "temperature": 0,
+                                      "vllm_xargs": {"hybridkv_budget": own},
+                                      "messages": [{"role": "user", "content": [image, question]}]})
+        assert status == 200 and body["choices"][0]["message"]["content"].strip(), (own, body)
 
     again = client.chat.completions.create(model="smollm2-vl", max_tokens=16, temperature=0,
                                            messages=[{"role": "user", "content": [image, question]}])
@@ -90,7 +104,7 @@ def test_server_refuses_a_profile_for_another_model(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_profile", "budget_out_of_range", "prefix_caching", "no_such_file",
-                                  "cold_tier_too_small"])
+                                  "floor_zero"])
 def test_engine_refuses_bad_configuration(case, profile_path):
     config = {"profile": str(profile_path), "budget": 0.1}
     kwargs, expect = {}, ""
@@ -100,9 +114,9 @@ def test_engine_refuses_bad_configuration(case, profile_path):
     elif case == "budget_out_of_range":
         config["budget"] = 1.5
         expect = "budget=1.5"
-    elif case == "cold_tier_too_small":
-        config["cold_tier_gib"] = 0.01           # 8 seqs x 4096 tokens x ~45 dynamic heads need ~0.7 GiB (fp32)
-        expect = "lower --max-num-seqs or --max-model-len"
+    elif case == "floor_zero":
+        config["floor_blocks"] = 0
+        expect = "hybridkv.floor_blocks=0: expected an integer >= 1"
     elif case == "prefix_caching":
         kwargs["enable_prefix_caching"] = True
         expect = "--no-enable-prefix-caching"
