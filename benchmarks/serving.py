@@ -18,7 +18,7 @@ Measured per engine (vLLM's own scheduler / block-pool accounting, read in-proce
   the budget managers have dropped the pruned prompt gap), prefill time and mean decode time per token.
 
 Configurations: stock; HybridKV with (a) the shipped profile ``configs/profiles/smollm2-vl.json`` at budget 0.1,
-(b) a synthetic profile with ~half static heads (``tests/engine/engine_utils.synthetic_profile``) at budget 0.1,
+(b) a synthetic profile with ~half static heads (``hybridkv_vllm.profiler.synthetic``) at budget 0.1,
 (c) the synthetic profile at budget 0.2.
 
     python benchmarks/serving.py --out benchmarks/results/serving_cpu.md --cpus 0   # full run (~25 min, 1 core)
@@ -41,15 +41,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "engine"))
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine_utils import (MODEL, free_blocks, held_blocks, make_llm, scheduler_of,  # noqa: E402
-                          synthetic_profile, text_prompt)
+from hybridkv_vllm.adapter.engine_probe import (cold_tier_bytes, free_blocks, held_blocks, make_llm,  # noqa: E402
+                                                 scheduler_of)
+from hybridkv_vllm.eval.prompts import haystack_chat_prompt as text_prompt  # noqa: E402
+from hybridkv_vllm.profiler.synthetic import synthetic_profile  # noqa: E402
+from hybridkv_vllm.serving import DEFAULT_MODEL as MODEL  # noqa: E402
 
 SHIPPED_PROFILE = ROOT / "configs" / "profiles" / "smollm2-vl.json"
 BLOCK_SIZE = 32
@@ -147,6 +149,7 @@ def single_request(llm, prompt: str, max_tokens: int, bytes_per_block: int) -> d
     t_start, c_start = time.perf_counter(), time.process_time()
     t_prefill_done = c_prefill_done = None
     held_after_prefill = held_at_prefill_step = None
+    cold_after_prefill = 0
     n_out, finished = 0, False
     while engine.has_unfinished_requests():
         outs = engine.step()
@@ -162,11 +165,13 @@ def single_request(llm, prompt: str, max_tokens: int, bytes_per_block: int) -> d
             held_at_prefill_step = held_blocks(llm, rid)
         elif held_after_prefill is None and r.num_computed_tokens > prompt_len:
             held_after_prefill = held_blocks(llm, rid)    # first decode step: pruned gap already returned
+            cold_after_prefill = cold_tier_bytes(llm)
     t_end, c_end = time.perf_counter(), time.process_time()
     assert free_blocks(llm) == free0, "blocks leaked by the single request"
     return dict(prompt_tokens=prompt_len, output_tokens=n_out,
                 held_blocks_per_group=held_after_prefill, held_blocks_per_group_prefill_step=held_at_prefill_step,
-                held_bytes=sum(held_after_prefill) * bytes_per_block,
+                held_bytes=sum(held_after_prefill) * bytes_per_block, cold_bytes=cold_after_prefill,
+                total_bytes=sum(held_after_prefill) * bytes_per_block + cold_after_prefill,
                 full_stock_equiv_blocks=-(-(prompt_len + 1) // BLOCK_SIZE),
                 prefill_s=t_prefill_done - t_start, prefill_cpu_s=c_prefill_done - c_start,
                 decode_ms_per_token=1e3 * (t_end - t_prefill_done) / max(1, n_out - 1),
@@ -183,7 +188,7 @@ def burst(llm, prompts: list[str], max_tokens: int, bytes_per_block: int) -> dic
     for i, p in enumerate(prompts):
         engine.add_request(f"b{i}", p, params)
     outputs, steps = {}, 0
-    peak_running, peak_used, used_time_integral = 0, 0, 0.0
+    peak_running, peak_used, used_time_integral, peak_cold, peak_total = 0, 0, 0.0, 0, 0
     decode_s = decode_tokens = prefill_steps = 0
     t0 = last = time.perf_counter()
     c0 = time.process_time()
@@ -205,6 +210,8 @@ def burst(llm, prompts: list[str], max_tokens: int, bytes_per_block: int) -> dic
         used = total - free_blocks(llm)
         peak_running = max(peak_running, len(sched.running))
         peak_used = max(peak_used, used)
+        cold = cold_tier_bytes(llm)
+        peak_cold, peak_total = max(peak_cold, cold), max(peak_total, used * bytes_per_block + cold)
         used_time_integral += used * (now - last)   # blocks held during the step just finished (as of its end)
         last = now
     wall = time.perf_counter() - t0
@@ -215,7 +222,8 @@ def burst(llm, prompts: list[str], max_tokens: int, bytes_per_block: int) -> dic
                 output_tokens=n_out, output_tok_per_s=n_out / wall, prefill_steps=prefill_steps,
                 decode_phase_s=decode_s, decode_phase_tok_per_s=decode_tokens / max(decode_s, 1e-9),
                 peak_running=peak_running, preemptions=preempt[0],
-                peak_kv_blocks=peak_used, peak_kv_bytes=peak_used * bytes_per_block,
+                peak_kv_blocks=peak_used, peak_kv_bytes=peak_used * bytes_per_block, peak_cold_bytes=peak_cold,
+                peak_total_bytes=peak_total,
                 mean_kv_bytes=used_time_integral / wall * bytes_per_block,
                 pool_blocks=total, pool_bytes=total * bytes_per_block,
                 outputs=outputs)
@@ -364,6 +372,8 @@ def report(results: list[dict], meta: dict) -> str:
 
     row("peak concurrent running requests", "peak_running", str)
     row("peak KV in use (MiB)", "peak_kv_bytes", _mib)
+    row("peak cold tier (MiB)", "peak_cold_bytes", _mib)
+    row("peak pool + cold tier (MiB)", "peak_total_bytes", _mib)
     row("mean KV in use, time-weighted (MiB)", "mean_kv_bytes", _mib)
     row(f"wall time (s), best of {meta['reps']}", "wall_s", lambda x: f"{x:.1f}")
     row("output tokens/s (wall)", "output_tok_per_s", lambda x: f"{x:.2f}")
@@ -398,7 +408,9 @@ def report(results: list[dict], meta: dict) -> str:
               "| prompt tokens | metric | stock | " + " | ".join(r["name"] for r in hyb) + " |",
               "|---|---|---|" + "---|" * len(hyb)]
     for i, s in enumerate(stock["singles"]):
-        for label, key, fmt in (("KV held (MiB)", "held_bytes", _mib),
+        for label, key, fmt in (("KV held in the pool (MiB)", "held_bytes", _mib),
+                                ("cold tier (MiB)", "cold_bytes", _mib),
+                                ("pool + cold tier (MiB)", "total_bytes", _mib),
                                 ("prefill (s)", "prefill_s", lambda x: f"{x:.2f}"),
                                 ("decode (ms/token)", "decode_ms_per_token", lambda x: f"{x:.1f}"),
                                 ("decode CPU (ms/token)", "decode_cpu_ms_per_token", lambda x: f"{x:.1f}")):
@@ -481,7 +493,7 @@ def main() -> None:
     print(f"burst prompt tokens: {burst_tokens}", flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="hkv_bench_"))
-    synth = synthetic_profile(tmp / "synthetic.json")
+    synth = synthetic_profile(tmp / "synthetic.json", MODEL)
     known = {"shipped": ("HybridKV shipped b=0.1", SHIPPED_PROFILE, 0.1),
              "synthetic": ("HybridKV synthetic b=0.1", synth, 0.1),
              "synthetic-0.2": ("HybridKV synthetic b=0.2", synth, 0.2)}

@@ -3,7 +3,8 @@
 Starts ``vllm serve models/smollm2-vl --attention-backend HYBRIDKV`` with the shipped head profile, sends an
 OpenAI chat request (an image from scikit-image's sample data plus a question) through the ``openai`` client,
 prints the answer and the KV memory the request holds (read from the server's own ``/metrics`` while it
-decodes) against what stock vLLM would hold for the same tokens, then stops the server.
+decodes): vLLM's pool, the cold tier and their sum, against what stock vLLM would hold for the same tokens, then
+stops the server.
 
 The vision tower of the embedded model is random (no real VLM ships in an installable package), so the answer
 shows the plumbing, not image understanding; the language model is the real SmolLM2-135M-Instruct.
@@ -11,79 +12,15 @@ shows the plumbing, not image understanding; the language model is the real Smol
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "models" / "smollm2-vl"
-DEFAULT_PROFILE = ROOT / "configs" / "profiles" / "smollm2-vl.json"
+from hybridkv_vllm.serving import (DEFAULT_MODEL, DEFAULT_PROFILE, ServerProcess, free_port, image_data_url, metrics,
+                                   serve_command)
+
 QUESTION = ("Here is a picture. Question: what is the capital of France, and why is it famous? "
             "Answer in two sentences.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(model: Path, profile: Path, budget: float, port: int, name: str) -> list[str]:
-    config = {"hybridkv": {"profile": str(profile), "budget": budget}}
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1",
-            "--port", str(port), "--served-model-name", name, "--attention-backend", "HYBRIDKV",
-            "--additional-config", json.dumps(config), "--block-size", "32", "--no-enable-prefix-caching",
-            "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4", "--dtype", "bfloat16",
-            "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0})]
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"vllm serve exited with {proc.returncode}; last log lines:\n" + tail(log))
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise SystemExit("vllm serve did not become healthy in time; last log lines:\n" + tail(log))
-
-
-def tail(log: Path, n: int = 30) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else ""
-
-
-def image_data_url() -> str:
-    from PIL import Image
-    from skimage import data
-    buf = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def read_metrics(port: int) -> dict[str, float]:
-    """Sum each sample name over its label sets (one model, one engine here)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$", line)
-        if m:
-            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
-    return values
 
 
 def chat(port: int, name: str, max_tokens: int) -> tuple[str, dict[str, float], object]:
@@ -99,7 +36,7 @@ def chat(port: int, name: str, max_tokens: int) -> tuple[str, dict[str, float], 
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
         if i == 3:                        # a few tokens in: the prompt has been compressed
-            sample = read_metrics(port)
+            sample = metrics(port)
         if chunk.usage is not None:
             usage = chunk.usage
     return "".join(parts), sample, usage
@@ -109,17 +46,21 @@ def report(answer: str, sample: dict[str, float], usage) -> None:
     held = sample.get("hybridkv:kv_blocks_held", 0.0)
     full = sample.get("hybridkv:kv_blocks_uncompressed", 0.0)
     block = sample.get("hybridkv:kv_block_bytes", 0.0)
+    cold = sample.get("hybridkv:cold_tier_bytes", 0.0)
     print("\n=== answer ===\n" + answer.strip())
     if usage is not None:
         print(f"\n(prompt tokens {usage.prompt_tokens}, completion tokens {usage.completion_tokens})")
     print("\n=== KV memory of this request, mid-decode (from the server's /metrics) ===")
     if full:
-        print(f"HybridKV holds     {held:8.0f} blocks = {held * block / 2**20:7.2f} MiB")
-        print(f"stock vLLM holds   {full:8.0f} blocks = {full * block / 2**20:7.2f} MiB (same tokens, no compression)")
-        print(f"ratio              {held / full:8.3f}   (saved {(full - held) * block / 2**20:.2f} MiB of the pool)")
-        cold = sample.get("hybridkv:cold_tier_bytes", 0.0)
-        print(f"cold tier          {cold / 2**20:8.2f} MiB of dynamic-head prompt KV outside the pool "
-              "(host memory on GPU machines)")
+        mib = 2**20
+        pool, stock = held * block / mib, full * block / mib
+        print(f"{'':18s}{'pool (vLLM blocks)':>24s}{'cold tier':>12s}{'total':>12s}")
+        print(f"{'HybridKV':18s}{held:>10.0f} = {pool:7.2f} MiB{cold / mib:>8.2f} MiB{pool + cold / mib:>8.2f} MiB")
+        print(f"{'stock vLLM':18s}{full:>10.0f} = {stock:7.2f} MiB{'-':>12s}{stock:>8.2f} MiB")
+        print(f"{'HybridKV / stock':18s}{pool / stock:>24.3f}{'':12s}{(pool + cold / mib) / stock:>12.3f}")
+        print("The pool is vLLM's KV cache (HBM on a GPU): what it saves admits more requests. The cold tier holds "
+              "the dynamic heads' prompt chunks outside it (host memory on a GPU; on this CPU build both are RAM, "
+              "so the total is what this machine spends).")
     elif "hybridkv:kv_blocks_held" not in sample:
         print("no hybridkv metrics on /metrics (see the server log for a `hybridkv:` warning)")
     else:
@@ -137,29 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args(argv)
     port, name = free_port(), args.model.name
-    workdir = Path(tempfile.mkdtemp(prefix="hybridkv-demo-"))
-    log = workdir / "server.log"
+    log = Path(tempfile.mkdtemp(prefix="hybridkv-demo-")) / "server.log"
     # No PROMETHEUS_MULTIPROC_DIR: the plugin turns multiprocess mode on itself in `vllm serve` (a fresh directory).
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")     # GiB of KV cache on the CPU build
     cmd = serve_command(args.model, args.profile, args.budget, port, name)
     print("$ " + " ".join(cmd[2:]).replace("vllm.entrypoints.cli.main", "vllm"), flush=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        started = time.time()
-        wait_healthy(proc, port, log)
-        print(f"server healthy after {time.time() - started:.0f} s (log: {log})", flush=True)
+    with ServerProcess(cmd, log, port, env=env) as server:
+        print(f"server healthy after {server.started_s:.0f} s (log: {log})", flush=True)
         answer, sample, usage = chat(port, name, args.max_tokens)
         report(answer, sample, usage)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        print("server stopped")
+    print("server stopped")
     return 0
 
 

@@ -13,7 +13,8 @@ expected shape) and version-checked against the vLLM range this plugin was built
    requests, and zeroes the blocks-held gauges once no request is left (see below).
 4. Per-request settings (requests.py): ``InputProcessor._validate_params`` (API server and offline ``LLM``) refuses a
    bad ``hybridkv_budget`` with vLLM's validation error (HTTP 400); ``Scheduler.__init__`` builds the runtime in the
-   scheduler's process; ``NewRequestData.from_request`` (a request's first schedule) decides the request's budget,
+   scheduler's process and ``Scheduler.schedule`` marks whose requests are being scheduled;
+   ``NewRequestData.from_request`` (a request's first schedule) decides the request's budget,
    opt-out and cold-tier admission once and hands the decision to the worker in the request's extra arguments;
    ``Scheduler._free_request`` releases it.
 """

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from hybridkv_vllm.profiler.calibration import MultimodalPrompt
 
-__all__ = ["HAYSTACK_PATH", "MULTIMODAL_EVAL", "NiahPrompt", "TextPrompt", "haystack_paragraphs", "long_text_prompts",
-           "niah_prompts"]
+__all__ = ["HAYSTACK_PATH", "MULTIMODAL_EVAL", "NiahPrompt", "TextPrompt", "haystack_chat_prompt",
+           "haystack_paragraphs", "long_text_prompts", "niah_prompts"]
 
 HAYSTACK_PATH = Path("/usr/share/common-licenses/GPL-3")
 
@@ -53,6 +53,12 @@ MULTIMODAL_EVAL: tuple[MultimodalPrompt, ...] = (
     MultimodalPrompt("retina-clock", ("skimage:retina.jpg", "skimage:clock_motion.png"),
                      "What kind of images are these? Give a title to each and explain what it shows."),
 )
+
+
+def haystack_chat_prompt(n_chars: int, question: str = "What is this text about? Answer briefly.",
+                         path: Path = HAYSTACK_PATH) -> str:
+    """The haystack's first ``n_chars`` characters and a question, in the ChatML template (SmolLM2, Qwen)."""
+    return f"<|im_start|>user\n{path.read_text()[:n_chars]}\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def haystack_paragraphs(path: Path = HAYSTACK_PATH) -> list[str]:

@@ -127,7 +127,8 @@ def _client(port: int):
 
 
 def _image_messages():
-    from hybridkv_vllm.demo import QUESTION, image_data_url
+    from hybridkv_vllm.demo import QUESTION
+    from hybridkv_vllm.serving import image_data_url
 
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url()}},
                                          {"type": "text", "text": QUESTION}]}]
@@ -145,7 +146,7 @@ def _stream(client, sample_at: int | None = None, port: int | None = None, stop:
             on_token=None, **kw) -> dict:
     """Stream one chat completion; optionally sample /metrics after `sample_at` chunks and stop when `stop` is
     set (closing the stream aborts the request server-side)."""
-    from hybridkv_vllm.demo import read_metrics
+    from hybridkv_vllm.serving import metrics as read_metrics
 
     out = {"text": "", "usage": None, "sample": None, "chunks": 0}
     stream = client.chat.completions.create(model=MODEL_NAME, stream=True, temperature=0,
@@ -173,7 +174,8 @@ def _stream(client, sample_at: int | None = None, port: int | None = None, stop:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from hybridkv_vllm.demo import DEFAULT_MODEL, DEFAULT_PROFILE, free_port, read_metrics, serve_command, wait_healthy
+    from hybridkv_vllm.serving import (DEFAULT_MODEL, DEFAULT_PROFILE, free_port, serve_command, wait_healthy)
+    from hybridkv_vllm.serving import metrics as read_metrics
 
     if not (DEFAULT_MODEL / "config.json").exists():
         pytest.fail(f"{DEFAULT_MODEL} missing: run `make setup`")

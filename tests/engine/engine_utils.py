@@ -1,10 +1,14 @@
-"""Helpers for tests that run vLLM's CPU build in-process."""
+"""Helpers for tests that run vLLM's CPU build in-process (the engine helpers live in the package:
+``hybridkv_vllm.adapter.engine_probe``, shared with the benchmarks)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import torch
+from hybridkv_vllm.adapter.engine_probe import (free_blocks, held_blocks, make_llm,  # noqa: F401 (re-exported)
+                                                 run_to_completion, scheduler_of)
+from hybridkv_vllm.eval.prompts import haystack_chat_prompt
+from hybridkv_vllm.profiler.synthetic import synthetic_profile as _synthetic_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "smollm2-vl"
@@ -17,61 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synthetic_profile(path: Path, seed: int = 0, low: float = 0.8, model: Path = MODEL) -> Path:
-    """A valid profile for ``model`` whose head types are drawn at random (about half static)."""
-    from transformers import AutoConfig
-
-    from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
-
-    identity = ModelIdentity.from_hf_config(AutoConfig.from_pretrained(model))
-    g = torch.Generator().manual_seed(seed)
-    scores = low + (1 - low) * torch.rand(identity.num_layers, identity.num_kv_heads, generator=g,
-                                          dtype=torch.float64) * 0.999
-    HeadProfile.from_scores(identity, scores, theta=0.9).save(path)
-    return path
+    return _synthetic_profile(path, model, seed=seed, low=low)
 
 
 def text_prompt(n_chars: int, question: str = "What is this text about? Answer briefly.") -> str:
-    text = HAYSTACK.read_text()[:n_chars]
-    return f"<|im_start|>user\n{text}\n{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def make_llm(model_dir: Path, hybridkv: dict | None, **kwargs):
-    from vllm import LLM
-    extra = {}
-    if hybridkv is not None:
-        extra = dict(attention_backend="HYBRIDKV", additional_config={"hybridkv": hybridkv})
-    args = dict(model=str(model_dir), dtype="float32", max_model_len=4096, enforce_eager=True, block_size=32,
-                enable_prefix_caching=False, max_num_seqs=8, limit_mm_per_prompt={"image": 1, "video": 0},
-                seed=0)
-    args.update(kwargs)
-    return LLM(**args, **extra)
-
-
-def scheduler_of(llm):
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
-def held_blocks(llm, req_id: str) -> list[int]:
-    """Non-null blocks ``req_id`` holds in each KV-cache group, read from vLLM's own managers."""
-    coordinator = scheduler_of(llm).kv_cache_manager.coordinator
-    null = scheduler_of(llm).kv_cache_manager.block_pool.null_block
-    return [sum(1 for b in m.req_to_blocks.get(req_id, []) if b is not null) for m in coordinator.single_type_managers]
-
-
-def free_blocks(llm) -> int:
-    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
-
-
-def run_to_completion(llm, max_steps: int = 10_000, on_step=None) -> dict:
-    engine, outputs, step = llm.llm_engine, {}, 0
-    while engine.has_unfinished_requests() and step < max_steps:
-        for out in engine.step():
-            if out.finished:
-                outputs[out.request_id] = out
-        step += 1
-        if on_step is not None:
-            on_step(step)
-    return outputs
+    return haystack_chat_prompt(n_chars, question)
 
 
 def _head_of(layer_name: str) -> tuple[int, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +19,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hybridkv_vllm.adapter import metrics as M
-from hybridkv_vllm.demo import free_port, tail, wait_healthy
+from hybridkv_vllm.serving import free_port, metric_families, stop, tail, wait_healthy
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -37,10 +35,8 @@ COMPRESSED = M.REQUESTS_COMPRESSED                   # the family; its sample is
 
 def _metrics(port: int) -> dict[str, dict[str, float]]:
     """/metrics as {family: {sample name + labels: value}} (prometheus_client's own text parser)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
     return {fam.name: {f"{s.name}{sorted(s.labels.items())}": s.value for s in fam.samples}
-            for fam in text_string_to_metric_families(text)}
+            for fam in metric_families(port)}
 
 
 def _compressed(fams: dict[str, dict[str, float]]) -> float:
@@ -59,19 +55,6 @@ def _long_prompt() -> str:
     lines = [f"Item {i}: the {w} crate holds {i * 7 % 23} parts for order {1000 + i}." for i, w in
              enumerate(["red", "blue", "green", "small", "large", "old", "new", "heavy"] * 8)]
     return "\n".join(lines) + "\nWhich colour is mentioned first? Answer in one word."
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 def test_readme_serve_line_exposes_plugin_metrics(tmp_path):
@@ -108,4 +91,4 @@ def test_readme_serve_line_exposes_plugin_metrics(tmp_path):
         assert "vllm:num_requests_running" in after                        # vLLM's own metrics are still there
         assert "set PROMETHEUS_MULTIPROC_DIR" not in log.read_text(errors="replace")
     finally:
-        _stop(proc)
+        stop(proc)

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from hybridkv_vllm.demo import free_port, image_data_url, serve_command, wait_healthy
+from hybridkv_vllm.serving import free_port, image_data_url, serve_command, wait_healthy
 
 from engine_utils import MODEL, make_llm
 
