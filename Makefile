@@ -18,14 +18,16 @@ setup:
 demo: setup
 	$(PY) -m hybridkv_vllm.demo
 
-# ruff first (seconds); TRITON_INTERPRET=1: the Triton kernels run on the CPU interpreter (vLLM's CPU build ignores
-# Triton either way).
+# ruff and mypy (the engine-agnostic core) first, seconds; TRITON_INTERPRET=1: the Triton kernels run on the CPU
+# interpreter (vLLM's CPU build ignores Triton either way).
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy hybridkv_vllm/core
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 test-fast: setup
 	$(PY) -m ruff check .
+	$(PY) -m mypy hybridkv_vllm/core
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not engine" tests
 
 clean:

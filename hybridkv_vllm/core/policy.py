@@ -92,7 +92,8 @@ class LayerRules:
 
 
 class Policy(Protocol):
-    selection: SelectionConfig
+    @property
+    def selection(self) -> SelectionConfig: ...
 
     def rules(self, layer: int, prompt_len: int) -> LayerRules: ...
 
@@ -181,6 +182,9 @@ class _UniformStaticPolicy:
 
     def rules(self, layer: int, prompt_len: int) -> LayerRules:
         return _rules_from_plan(self, self.plan, self.plan.is_static, layer, prompt_len)
+
+    def select(self, view: PromptView, kv_head: int, budget: int) -> torch.Tensor:
+        raise NotImplementedError            # each baseline below chooses its tokens
 
 
 @dataclass(frozen=True)

@@ -181,16 +181,17 @@ class CompressedLayerCache:
         q_obs = q_obs[-w:] if w else q_obs[:0]
         pos = (torch.arange(self.prompt_len - w, self.prompt_len, dtype=torch.long) if q_obs_pos is None
                else q_obs_pos[-w:] if w else q_obs_pos[:0])
-        return text_prior_scores(q_obs.permute(1, 0, 2), self.k.permute(1, 0, 2), pos, self.scale,
+        k, _ = self._require_kv()
+        return text_prior_scores(q_obs.permute(1, 0, 2), k.permute(1, 0, 2), pos, self.scale,
                                  self.cfg.pool_kernel)
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Append generated tokens' K/V, ``[H, D]`` or ``[n, H, D]``."""
-        self._require_kv()
+        k, v = self._require_kv()
         if k_new.dim() == 2:
             k_new, v_new = k_new[None], v_new[None]
-        self.k = torch.cat([self.k, k_new.to(self.k.dtype)])
-        self.v = torch.cat([self.v, v_new.to(self.v.dtype)])
+        self.k = torch.cat([k, k_new.to(k.dtype)])
+        self.v = torch.cat([v, v_new.to(v.dtype)])
 
     def _require_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k is None or self.v is None:
@@ -210,7 +211,9 @@ class CompressedLayerCache:
             if kind is HeadKind.FULL:
                 out.append(torch.arange(s, dtype=torch.long))
             elif kind is HeadKind.STATIC:
-                out.append(torch.cat([self.static_kept[head], tail]))
+                kept = self.static_kept[head]
+                assert kept is not None                      # made at prefill for every static head
+                out.append(torch.cat([kept, tail]))
             else:
                 starts = chunks[head] * cs
                 tok = (starts[:, None] + torch.arange(cs)[None, :]).flatten()
@@ -219,6 +222,7 @@ class CompressedLayerCache:
 
     def _dynamic_chunks(self, q: torch.Tensor, heads: list[int]) -> dict[int, torch.Tensor]:
         """Cold prompt chunks each dynamic head retrieves for query ``q [Hq, D]``."""
+        assert self.summaries is not None                   # made at prefill when a head is dynamic
         kmin, kmax = self.summaries
         c, cs = int(kmin.shape[1]), self.cfg.chunk_size
         scores = score_chunks(q, kmin, kmax)                                   # [H, C]

@@ -89,6 +89,7 @@ def plan_tiers(plan: BudgetPlan, max_groups: int = 16) -> TierPlan:
         cost, raw = _tiers_for_group_size(heads, g)
         if best is None or cost < best[0] - 1e-12:
             best = (cost, g, raw)
+    assert best is not None                      # 1 divides every head count
     _, g, raw = best
     tiers = tuple(Tier(i, fraction, members) for i, (fraction, members) in enumerate(raw))
     tier_of = [[-1] * num_kv_heads for _ in range(num_layers)]
