@@ -33,13 +33,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _setup_torch(args.threads)
     from hybridkv_vllm.hf.inputs import load_model
     from hybridkv_vllm.profiler.report import text_table, write_report
-    from hybridkv_vllm.profiler.run import profile_model
+    from hybridkv_vllm.profiler.run import one_type_warning, profile_model
 
     lm = load_model(args.model)
     run = profile_model(lm, theta=args.theta, created=args.created, model_path=args.model,
                         progress=not args.no_progress)
     run.profile.save(args.out)
     print(text_table(run.profile))
+    warning = one_type_warning(run.profile)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out} ({len(run.prompt_tokens)} prompts, {sum(run.prompt_tokens)} tokens, "
           f"{run.seconds:.1f} s)")
     if args.report_dir:

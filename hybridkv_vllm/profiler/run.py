@@ -8,6 +8,7 @@ dependent reduction) and classified with :meth:`core.profile.HeadProfile.from_sc
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from hybridkv_vllm.hf.inputs import LoadedModel, encode_chat
 from hybridkv_vllm.profiler.calibration import CALIBRATION_NAME, CALIBRATION_V1, MultimodalPrompt
 from hybridkv_vllm.profiler.images import load_image
 
-__all__ = ["MASS", "SCORE_DECIMALS", "ProfileRun", "profile_model"]
+__all__ = ["MASS", "SCORE_DECIMALS", "ProfileRun", "one_type_warning", "profile_model"]
+
+logger = logging.getLogger("hybridkv")
 
 MASS = 0.9
 OBS_WINDOW = 32
@@ -95,8 +98,26 @@ def profile_model(lm: LoadedModel, theta: float = 0.9, prompts: Sequence[Multimo
     params = ClassificationParams(theta=theta, statistic=f"mass_concentration@{MASS}", query_set="post_image_text",
                                   aggregation="gqa_mean")
     profile = HeadProfile.from_scores(identity, scores, theta=theta, classification=params, provenance=provenance)
+    warning = one_type_warning(profile)
+    if warning:
+        logger.warning("hybridkv profile: %s", warning)
     return ProfileRun(profile=profile, prompt_tokens=tuple(prompt_tokens), query_tokens=tuple(query_tokens),
                       seconds=seconds)
+
+
+def one_type_warning(profile: HeadProfile) -> str | None:
+    """A warning when every head got the same type (the profile is then not hybrid: all retrieval or all pruning),
+    naming θ and the range of the scores, so that the user can see how far θ is from splitting them."""
+    static = profile.is_static
+    if bool(static.any()) and not bool(static.all()):
+        return None
+    kind, other = ("static", "dynamic") if bool(static.all()) else ("dynamic", "static")
+    scores = profile.scores
+    return (f"every one of the {static.numel()} heads is {kind}, none {other}: theta={profile.classification.theta:g} "
+            f"and the scores lie in [{float(scores.min()):.4f}, {float(scores.max()):.4f}] (a head is static iff its "
+            "score >= theta); HybridKV then runs as " + ("pruning" if kind == "static" else "retrieval")
+            + " on every head. Check the calibration prompts' lengths against the prompts you serve, or choose "
+            "theta inside the score range (--theta)")
 
 
 def _now() -> str:

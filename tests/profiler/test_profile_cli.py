@@ -117,3 +117,21 @@ def test_shipped_profile_validates():
     assert profile.model.architecture == "Qwen2_5_VLForConditionalGeneration"
     assert profile.provenance["model_path"] == SHIPPED_CMD_MODEL
     assert os.path.basename(SHIPPED) == "smollm2-vl.json"
+
+
+@pytest.mark.parametrize("low, high, kind", [(0.5, 0.8, "dynamic"), (0.92, 0.99, "static"), (0.8, 0.99, None)])
+def test_one_type_profiles_are_warned_about_with_theta_and_range(low, high, kind):
+    """A profile whose heads all got one type is not hybrid: the warning names θ and the score range."""
+    import torch
+
+    from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
+    from hybridkv_vllm.profiler.run import one_type_warning
+    identity = ModelIdentity(architecture="T", num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8,
+                             fingerprint="0" * 16)
+    scores = torch.linspace(low, high, 6, dtype=torch.float64).reshape(3, 2)
+    warning = one_type_warning(HeadProfile.from_scores(identity, scores, theta=0.9))
+    if kind is None:
+        assert warning is None
+    else:
+        assert f"every one of the 6 heads is {kind}" in warning and "theta=0.9" in warning
+        assert f"[{low:.4f}, {high:.4f}]" in warning
