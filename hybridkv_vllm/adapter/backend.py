@@ -167,11 +167,14 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             modes = runtime.tiers.modes[index]
             dynamic = [h for h, mode in enumerate(modes) if mode == RETRIEVE]
             tiers = tuple(runtime.tiers.tier_of[index])
+
+            def on(values) -> torch.Tensor:              # the layer's index tensors live beside its KV cache
+                return torch.tensor(list(values), dtype=torch.long, device=kv_cache.device)
+
             self.heads = LayerHeads(
-                index=index, tiers=torch.tensor(tiers), base=torch.tensor(base), stride=torch.tensor(stride),
-                dynamic=torch.tensor(dynamic, dtype=torch.long),
+                index=index, tiers=on(tiers), base=on(base), stride=on(stride), dynamic=on(dynamic),
                 cold_start=runtime.cold_index[index][dynamic[0]] if dynamic else 0,
-                static=torch.tensor([h for h, mode in enumerate(modes) if mode == PRUNED], dtype=torch.long),
+                static=on([h for h, mode in enumerate(modes) if mode == PRUNED]),
                 signature=tiers)
             runtime.layers[index] = self.heads
             runtime.bind_cold_tier(self.head_size, kv_cache.dtype, kv_cache.device)

@@ -28,6 +28,7 @@ index addresses every head of a layer, whichever KV-cache group (tier) it belong
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,19 @@ class LayerHeads:
     cold_start: int               # their rows in the cold tier: [cold_start, cold_start + Hd) (model-wide numbering)
     static: torch.Tensor          # int64 [Hs]: the layer's static (pruned) heads
     signature: tuple[int, ...]    # tiers, as a key for values shared by layers with the same tiers
+
+    # host copies, made once per bound layer (planning never reads the device)
+    @functools.cached_property
+    def dynamic_host(self) -> torch.Tensor:
+        return self.dynamic.cpu()
+
+    @functools.cached_property
+    def static_host(self) -> torch.Tensor:
+        return self.static.cpu()
+
+    @functools.cached_property
+    def tiers_host(self) -> torch.Tensor:
+        return torch.tensor(self.signature, dtype=torch.long)
 
 
 @dataclass
@@ -93,14 +107,14 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
         cold_tables = cold.table[dec.cold_slots].clamp(min=0)
         # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
         # sinks (lower index first) above recent chunks (newest first) above scores; chunks past C last.
-        c = torch.arange(cold_tables.shape[2])
+        c = torch.arange(cold_tables.shape[2], device=cold_tables.device)
         n = torch.div(dec.chunk_tokens.long(), bs, rounding_mode="floor")[:, None, None]
         cf = c.double() / cold_tables.shape[2]
         forced = torch.where(c < n, float("nan"), float("-inf")).expand(len(dec.rows), 1, c.numel())
         forced = torch.where((c >= n - selection.recent_chunks) & (c < n), 1e200 * (2 + cf), forced)
         forced = torch.where((c < selection.sink_chunks) & (c < n), 1e200 * (4 - cf), forced)
         is_forced = ~torch.isnan(forced)
-        j = torch.arange(width)
+        j = torch.arange(width, device=cold_tables.device)
         for i, heads in enumerate(layers):
             if heads.dynamic.numel():
                 lo, hi = heads.cold_start, heads.cold_start + heads.dynamic.numel()
@@ -110,7 +124,7 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
                 step.hot = pages[i][heads.dynamic][:, dec.rows, :width].transpose(0, 1)
                 step.live = j < step.k[..., None]
                 step.hot_or_first = torch.where(step.live, step.hot, step.hot[..., :1])
-                step.every_head_retrieves = bool((step.k > 0).all())
+                step.every_head_retrieves = bool((dec.k_host[heads.tiers_host[heads.dynamic_host]] > 0).all())
                 step.live_count = step.live.sum()
                 step.forced, step.is_forced = forced, is_forced
     return steps

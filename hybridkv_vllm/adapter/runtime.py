@@ -99,6 +99,7 @@ class HybridKVRuntime:
         if self.cold is None or self.cold.dtype != dtype or self.cold.device != torch.device(device):
             max_bytes = None if self.config.cold_tier_gib is None else int(self.config.cold_tier_gib * 2**30)
             self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device)
+            self.loads = torch.zeros((), dtype=torch.long, device=device)
         return self.cold
 
     def publish(self, rows: list[RowContext]) -> None:
@@ -141,8 +142,8 @@ class HybridKVRuntime:
         plan.finalize(len(self.tiers.tiers), cold.slot_of)
         if plan.decode is not None:
             cold.ensure_hot_width(plan.decode.k_max)
-            dyn_k = plan.decode.k[self.dynamic_tiers]                                # [Hdyn, Rr]
-            self.accounting.chunks_scored += int(((dyn_k > 0) * (plan.decode.chunk_tokens // bs)).sum())
+            dyn_k = plan.decode.k_host[self.dynamic_tiers]                           # [Hdyn, Rr]
+            self.accounting.chunks_scored += int(((dyn_k > 0) * plan.decode.chunks_host).sum())
         loads = int(self.loads)
         if loads:
             self.loads.zero_()

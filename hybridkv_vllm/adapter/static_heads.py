@@ -56,12 +56,12 @@ def prune(ops: KVOps, plan: StepPlan, heads: LayerHeads, step: LayerStep, pool: 
           scale: float) -> None:
     """Compact the kept tokens of the layer's static heads for one completing row."""
     row = plan.rows[row_index]
-    stat = heads.static
-    kept = plan.kept[heads.tiers[stat], row_index]                                  # [Hs] blocks
+    stat = heads.static_host
+    kept = plan.kept[heads.tiers_host[stat], row_index]                             # [Hs] blocks (host)
     q_obs, positions = stash.window(row, layer, query, selection.obs_window)       # [W, Hq, D]
     if not bool((kept > 0).any()):
         return
-    stat, kept = stat[kept > 0], kept[kept > 0]
+    stat, kept = stat[kept > 0].to(pool.device), kept[kept > 0]
     bs, p = plan.block_size, row.prompt_len
     h, g, d = len(heads.signature), query.shape[1] // len(heads.signature), query.shape[2]
     pages = step.prompt_pages[stat, row_index, :-(-p // bs)]                      # [Hs, ceil(P / bs)]
@@ -69,8 +69,8 @@ def prune(ops: KVOps, plan: StepPlan, heads: LayerHeads, step: LayerStep, pool: 
     q = q_obs.view(-1, h, g, d)[:, stat].permute(1, 2, 0, 3).reshape(stat.numel() * g, -1, d)
     scores = text_prior_scores(q, keys, positions, scale, selection.pool_kernel)    # [Hs, P]
     width = int(kept.max()) * bs
-    kept_tokens = torch.zeros(stat.numel(), width, dtype=torch.long)
+    kept_tokens = torch.zeros(stat.numel(), width, dtype=torch.long, device=pool.device)
     for i in range(stat.numel()):
-        chosen = select_static(scores[i], visual, int(kept[i]) * bs, (p // bs) * bs, selection)
+        chosen = select_static(scores[i], visual.to(scores.device), int(kept[i]) * bs, (p // bs) * bs, selection)
         kept_tokens[i, :chosen.numel()] = chosen
-    ops.compact(pool, pages, kept_tokens, kept * bs)
+    ops.compact(pool, pages, kept_tokens, (kept * bs).to(pool.device))

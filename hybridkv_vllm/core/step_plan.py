@@ -78,25 +78,29 @@ class GroupTables:
     seq_lens: torch.Tensor        # int32 [R]: rewritten sequence lengths
     prompt_table: torch.Tensor    # int [R, M]: the table as vLLM gave it
     slots: torch.Tensor           # int64 [N]: slot of each token (-1: padding)
-    kept: torch.Tensor            # int64 [R]: blocks kept once the prompt is processed (0: all of them)
+    kept: torch.Tensor            # int64 [R], on the host: blocks kept once the prompt is processed (0: all of them)
 
 
 def rewrite_group(rows: list[RowPlan], table: torch.Tensor, seq_lens: torch.Tensor, slots: torch.Tensor,
                   kept_blocks: Callable[[int, float | None], int | None], block_size: int) -> GroupTables:
     """The tier's rewritten table: compressed rows past their prompt read ``table[:kept] ++ table[P // bs:]``;
     ``kept_blocks(prompt_len, request_budget)`` is the tier's rule (``core.tiers.TierBudgets.kept``)."""
-    R, M = len(rows), table.shape[1]
-    kept = torch.tensor([(kept_blocks(row.prompt_len, row.budget) or 0) if row.compressed else 0 for row in rows],
-                        dtype=torch.long)
-    first_tail = torch.tensor([(row.prompt_len or 0) // block_size for row in rows], dtype=torch.long)
-    rewrite = torch.tensor([row.after_prompt for row in rows], dtype=torch.bool) & (kept > 0)
+    R, M, dev = len(rows), table.shape[1], table.device
+    kept_list = [(kept_blocks(row.prompt_len, row.budget) or 0) if row.compressed and row.prompt_len is not None
+                 else 0 for row in rows]
+    kept = torch.tensor(kept_list, dtype=torch.long)                        # host: the plan's own bookkeeping
     table, seq_lens = table[:R], seq_lens[:R]
-    if not bool(rewrite.any()):
+    rewrite_list = [row.after_prompt and k > 0 for row, k in zip(rows, kept_list)]
+    if not any(rewrite_list):
         return GroupTables(table, seq_lens.to(torch.int32), table, slots.long(), kept)
-    j = torch.arange(M)[None, :]
-    src = torch.where(j < kept[:, None], j, j - kept[:, None] + first_tail[:, None]).clamp(max=M - 1)
-    rewritten = torch.where(rewrite[:, None], table.gather(1, src.to(table.device)), table)
-    new_lens = torch.where(rewrite, seq_lens.long() + (kept - first_tail) * block_size, seq_lens.long())
+    # the rewrite itself runs where vLLM's tables are (the device), from small host lists copied once
+    kept_d = kept.to(dev, non_blocking=True)
+    first_tail = torch.tensor([(row.prompt_len or 0) // block_size for row in rows], dtype=torch.long).to(dev)
+    rewrite = torch.tensor(rewrite_list, dtype=torch.bool).to(dev)
+    j = torch.arange(M, device=dev)[None, :]
+    src = torch.where(j < kept_d[:, None], j, j - kept_d[:, None] + first_tail[:, None]).clamp(max=M - 1)
+    rewritten = torch.where(rewrite[:, None], table.gather(1, src), table)
+    new_lens = torch.where(rewrite, seq_lens.long() + (kept_d - first_tail) * block_size, seq_lens.long())
     return GroupTables(rewritten, new_lens.to(torch.int32), table, slots.long(), kept)
 
 
@@ -110,6 +114,8 @@ class DecodePlan:
     chunk_tokens: torch.Tensor    # int32 [Rr]: (P // bs) * bs: the cold chunks are the prompt's complete blocks
     k: torch.Tensor               # int64 [T, Rr]: chunks each tier retrieves (= its kept blocks; 0: none)
     k_max: int                    # padding width of the selections this step
+    k_host: torch.Tensor          # ``k`` on the host (planning and accounting never read the device)
+    chunks_host: torch.Tensor     # int64 [Rr] on the host: cold chunks of each row (P // bs)
 
 
 @dataclass
@@ -124,7 +130,7 @@ class StepPlan:
     seq_lens: torch.Tensor | None = None                  # int32 [T, R]
     prompt_tables: torch.Tensor | None = None             # [T, R, M]
     slots: torch.Tensor | None = None                     # int64 [T, N]
-    kept: torch.Tensor | None = None                      # int64 [T, R]
+    kept: torch.Tensor | None = None                      # int64 [T, R], on the host
     decode: DecodePlan | None = None
     completing: list[int] = field(default_factory=list)   # rows that complete a compressed prompt
     prefill_rows: list[int] = field(default_factory=list)  # rows with more than one query token
@@ -141,7 +147,7 @@ class StepPlan:
     def has_group(self, tier: int) -> bool:
         return tier in self.groups
 
-    def finalize(self, num_tiers: int, cold_slot: Callable[[str], int | None]) -> None:
+    def finalize(self, num_tiers: int, cold_slot: Callable[[str | None], int | None]) -> None:
         """Stack the tiers and plan retrieval (after every group was built)."""
         if self.finalized:
             return
@@ -161,16 +167,21 @@ class StepPlan:
         self.kept = torch.stack([g.kept for g in order])
         self.completing = [r for r, row in enumerate(self.rows) if row.compressed and row.completes_prompt]
         self.prefill_rows = [r for r, row in enumerate(self.rows) if row.q_end - row.q_start > 1]
-        self.single_rows = torch.tensor([r for r, row in enumerate(self.rows) if row.q_end - row.q_start == 1],
-                                        dtype=torch.long)
+        dev = self.tables.device
+
+        def device_tensor(values: list[int], dtype=torch.long) -> torch.Tensor:     # host list -> one copy
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        self.single_rows = device_tensor([r for r, row in enumerate(self.rows) if row.q_end - row.q_start == 1])
         retrieving = [(r, cold_slot(row.req_id)) for r, row in enumerate(self.rows) if row.retrieves]
-        retrieving = [(r, s) for r, s in retrieving if s is not None]
-        if retrieving:
-            rows = torch.tensor([r for r, _ in retrieving], dtype=torch.long)
-            k = self.kept[:, rows]
+        found = [(r, s) for r, s in retrieving if s is not None]
+        if found:
+            rows = [r for r, _ in found]
+            k = self.kept[:, torch.tensor(rows, dtype=torch.long)]
+            chunks = [(self.rows[r].prompt_len or 0) // self.block_size for r in rows]       # retrieving: known
             self.decode = DecodePlan(
-                rows=rows, tokens=torch.tensor([self.rows[r].q_start for r, _ in retrieving], dtype=torch.long),
-                cold_slots=torch.tensor([s for _, s in retrieving], dtype=torch.long),
-                chunk_tokens=torch.tensor([(self.rows[r].prompt_len // self.block_size) * self.block_size
-                                           for r, _ in retrieving], dtype=torch.int32),
-                k=k, k_max=max(1, int(k.max())))
+                rows=device_tensor(rows), tokens=device_tensor([self.rows[r].q_start for r in rows]),
+                cold_slots=device_tensor([s for _, s in found]),
+                chunk_tokens=device_tensor([c * self.block_size for c in chunks], torch.int32),
+                k=k.to(dev, non_blocking=True), k_max=max(1, int(k.max())), k_host=k,
+                chunks_host=torch.tensor(chunks, dtype=torch.long))

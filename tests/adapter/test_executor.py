@@ -268,7 +268,8 @@ def test_cpu_selection_equals_the_kernel_reference(seed):
                                       recent_chunks=SEL.recent_chunks, k_per=k)[0]
     cold = SimpleNamespace(kmin=kmin, kmax=kmax, table=table)
     plan = SimpleNamespace(decode=SimpleNamespace(cold_slots=torch.arange(rows), chunk_tokens=chunks * BS, k_max=4,
-                                                  k=k.transpose(0, 1), rows=torch.arange(rows)),
+                                                  k=k.transpose(0, 1), k_host=k.transpose(0, 1),
+                                                  rows=torch.arange(rows)),
                            tables=torch.zeros(heads, rows, 1, dtype=torch.long),
                            prompt_tables=torch.zeros(heads, rows, 1, dtype=torch.long),
                            slots=torch.zeros(heads, rows, dtype=torch.long), seq_lens=torch.zeros(heads, rows),
