@@ -452,20 +452,22 @@ def build_layer(lib, cfg: Config, batch: int, ctx: int, gen: torch.Generator) ->
     cold._grow_pages(batch * hd * C)          # one allocation up front (admit grows by doubling: slower, 3x peak)
     for r in range(batch):
         cold.admit(f"r{r}", C, torch.full((hd,), kept))
-    # The plan is made as the runtime makes it, but under a default-device context: step_plan.py and
-    # kv_ops.plan_layers create tensors without a device (see the report), which must land where the KV cache is.
-    with torch.device(DEVICE):
-        heads = lib.LayerHeads(index=0, tiers=torch.zeros(H, dtype=torch.long), base=torch.arange(H) * nb,
-                               stride=torch.ones(H, dtype=torch.long), dynamic=torch.arange(hd), cold_start=0,
-                               static=torch.arange(hd, H), signature=(0,) * H)
-        qsl = list(range(batch + 1))
-        rows = lib.plan_rows([f"r{r}" for r in range(batch)], [P] * batch, qsl, [seq] * batch, bs, 2, 0)
-        plan = lib.StepPlan(rows, batch, torch.tensor(qsl, dtype=torch.int32), bs)
-        slots = tables[:, (seq - 1) // bs].long() * bs + (seq - 1) % bs
-        plan.add_group(0, lib.rewrite_group(rows, tables, torch.full((batch,), seq, dtype=torch.int32), slots,
-                                            lambda *_: kept, bs))
-        plan.finalize(1, cold.slot_of)
-        step = lib.plan_layers(plan, [heads], cold, sel)[0]
+    # The plan is made as the runtime makes it: host lists and vLLM's block tables (on the device); the product
+    # puts what layers read where the tables are (step_plan.py, kv_ops.plan_layers), as backend.py puts a layer's
+    # index tensors beside its KV cache.
+    def on(values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.long).to(DEVICE)
+
+    heads = lib.LayerHeads(index=0, tiers=on([0] * H), base=on(range(0, H * nb, nb)), stride=on([1] * H),
+                           dynamic=on(range(hd)), cold_start=0, static=on(range(hd, H)), signature=(0,) * H)
+    qsl = list(range(batch + 1))
+    rows = lib.plan_rows([f"r{r}" for r in range(batch)], [P] * batch, qsl, [seq] * batch, bs, 2, 0)
+    plan = lib.StepPlan(rows, batch, torch.tensor(qsl, dtype=torch.int32), bs)          # query_start_loc_cpu
+    slots = tables[:, (seq - 1) // bs].long() * bs + (seq - 1) % bs
+    plan.add_group(0, lib.rewrite_group(rows, tables, torch.full((batch,), seq, dtype=torch.int32, device=DEVICE),
+                                        slots, lambda *_: kept, bs))
+    plan.finalize(1, cold.slot_of)
+    step = lib.plan_layers(plan, [heads], cold, sel)[0]
     for r in range(batch):
         lib.dynamic_heads.offload(ops, plan, heads, step, pool, cold, r)
     q = (torch.randn(batch, cfg.hq, D, device=DEVICE, generator=gen) * cfg.q_scale).to(dtype)
