@@ -25,9 +25,9 @@ from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.attention.backend import AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl, _get_attn_isa
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionMetadataBuilder,
+                                       AttentionType, CommonAttentionMetadata, MultipleOf)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout, KVCacheSpec
 
 from hybridkv_vllm.adapter import cpu_layout, dynamic_heads, static_heads
 from hybridkv_vllm.adapter.executor import run_layer
@@ -49,9 +49,13 @@ class HybridKVMetadata:
 
 
 class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
-    """Once per KV-cache group (tier) and step: adds the tier's rewritten tables to the step plan."""
+    """Once per KV-cache group (tier) and step: adds the tier's rewritten tables to the step plan.
+
+    CUDA graphs: the step plan is made per step in Python, so attention stays outside captured graphs
+    (``NEVER``: vLLM then runs piecewise graphs, attention between them, and refuses ``cudagraph_mode=FULL``)."""
 
     supports_update_block_table = False
+    _cudagraph_support = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
                  device: torch.device) -> None:
@@ -66,7 +70,7 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HybridKVMetadata:
         cm = common_attn_metadata
-        plan = self.runtime.plan_for(cm.query_start_loc_cpu, cm.seq_lens.cpu(), cm.num_reqs, cm.num_actual_tokens)
+        plan = self.runtime.plan_for(cm.query_start_loc_cpu, cm.seq_lens, cm.num_reqs, cm.num_actual_tokens)
         if not plan.has_group(self.tier):        # a tier's layers may form several attention groups: one table
             plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
                                                     self._kept_blocks, self.spec.block_size))
@@ -104,7 +108,7 @@ def _head_spec(runtime, tier, block_size: int, head_size: int, dtype: torch.dtyp
 
 
 # ------------------------------------------------------------------------------------------------------ impl
-class HybridKVImpl(CPUAttentionBackendImpl):
+class HybridKVImpl(AttentionImpl):
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
                  sinks=None) -> None:
@@ -112,8 +116,10 @@ class HybridKVImpl(CPUAttentionBackendImpl):
         if alibi_slopes is not None or sliding_window is not None or sinks is not None or logits_soft_cap:
             raise ConfigError("HYBRIDKV supports plain causal decoder attention only (no ALiBi, sliding window, "
                               "attention sinks or soft-capping in this model's layers)")
-        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
-                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads, self.kv_cache_dtype, self.attn_type = num_kv_heads, kv_cache_dtype, attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.alibi_slopes, self.sliding_window, self.logits_soft_cap, self.sinks = None, -1, 0, None
         self.vllm_config = get_current_vllm_config()
         self.runtime = get_runtime(self.vllm_config)      # validates profile, budget and flags at start-up
         self.group = num_heads // num_kv_heads
@@ -145,9 +151,11 @@ class HybridKVImpl(CPUAttentionBackendImpl):
             forward_context[name] = HybridKVHeadLayer(name, layer, specs[h])
             self.head_names.append(name)
         dtype = self.vllm_config.model_config.dtype
-        isa = _get_attn_isa(dtype, bs, self.head_size, self.kv_cache_dtype)
-        perm = cpu_layout.key_layout(isa, layer.kv_cache_torch_dtype, bs, self.head_size) \
-            if runtime.kv_ops_kind == "cpu" else None
+        isa = perm = None
+        if runtime.kv_ops_kind == "cpu":          # vLLM's CPU kernels: their ISA and where a key element sits
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+            isa = _get_attn_isa(dtype, bs, self.head_size, self.kv_cache_dtype)
+            perm = cpu_layout.key_layout(isa, layer.kv_cache_torch_dtype, bs, self.head_size)
         self.ops = make_kv_ops(runtime.kv_ops_kind, block_size=bs, head_size=self.head_size, dtype=dtype,
                                selection=runtime.selection, isa=isa, kv_cache_dtype=self.kv_cache_dtype,
                                key_perm=perm)
@@ -222,8 +230,14 @@ class HybridKVImpl(CPUAttentionBackendImpl):
 
 
 # --------------------------------------------------------------------------------------------------- backend
-class HybridKVBackend(CPUAttentionBackend):
+class HybridKVBackend(AttentionBackend):
+    """The same backend on vLLM's CPU and CUDA platforms: what differs is the KV-ops implementation
+    (``hybridkv.kv_ops``, kv_ops.py). Every KV cache is vLLM's one backing allocation viewed block-outermost
+    (``LBHNC``), so one block of a one-head virtual layer is one contiguous page (``kv_ops.pool_of``)."""
+
     forward_includes_kv_cache_update: bool = True
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto", "bfloat16", "float16", "float32"]
 
     @staticmethod
     def get_name() -> str:
@@ -240,3 +254,15 @@ class HybridKVBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return HybridKVMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(32)]            # vLLM's CPU kernels need it; the Triton kernels take any multiple of 16
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple:
+        return (KVCacheLayout.LBHNC,)

@@ -15,8 +15,9 @@ Keys (defaults in brackets):
   cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded: at most max_num_seqs x
                      max_model_len, logged at start-up]: a request that would pass it is served uncompressed
                      (requests.py)
-  kv_ops             the decode executor's KV-ops implementation: "cpu" (vLLM's CPU kernels) or "triton" (the
-                     project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) ["cpu"]
+  kv_ops             the decode executor's KV-ops implementation: "cpu" (vLLM's CPU kernels), "triton" (the
+                     project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) or
+                     "auto" (cpu on the CPU build, triton on CUDA) ["auto"]
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class HybridKVConfig:
     min_prompt_tokens: int = 256
     max_groups: int = 16
     cold_tier_gib: float | None = None
-    kv_ops: str = "cpu"
+    kv_ops: str = "auto"
     selection: dict[str, int] = field(default_factory=dict)
 
     def budget_config(self, block_size: int) -> BudgetConfig:

@@ -1,14 +1,16 @@
 """Every vLLM patch HybridKV needs, in one place. Each is guarded (applied once, only when its target has the
 expected shape) and version-checked against the vLLM range this plugin was built and tested for.
 
-1. ``CpuPlatform.get_attn_backend_cls``: vLLM's CPU platform ignores any backend name but its own; the wrap
-   returns the HYBRIDKV backend when ``--attention-backend HYBRIDKV`` chose it for a decoder layer, and defers
-   to vLLM otherwise (encoder layers, the vision tower, every other backend name).
+1. ``CpuPlatform.get_attn_backend_cls`` (and ``CudaPlatform``'s on a CUDA build): vLLM's CPU platform ignores any
+   backend name but its own, and a selected backend applies to every layer on CUDA; the wrap returns the HYBRIDKV
+   backend when ``--attention-backend HYBRIDKV`` chose it for a decoder layer, and lets vLLM choose otherwise
+   (encoder layers, the vision tower, every other backend name).
 2. ``GPUModelRunner._build_attention_metadata`` (the V1 runner; the CPU runner inherits it): publishes each
    step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
    builds attention metadata, because metadata builders are never told which request a row belongs to, and
    once every KV-cache group's builder has added its tier, finishes the step plan (runtime.py) once.
-   Model Runner V2 (CUDA with Triton) is not wrapped: this release refuses non-CPU platforms (runtime.py).
+   Model Runner V2 (CUDA's default in vLLM 0.32) is not wrapped: start-up refuses it, naming
+   ``VLLM_USE_V2_MODEL_RUNNER=0`` (runtime.py).
 3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and preempted
    requests, and zeroes the blocks-held gauges once no request is left (see below).
 4. Per-request settings (requests.py): ``InputProcessor._validate_params`` (API server and offline ``LLM``) refuses a
@@ -43,13 +45,10 @@ def _check_version() -> None:
                            f"found {vllm.__version__}")
 
 
-def patch_cpu_backend_selection(backend_path: str) -> None:
-    if "cpu_selection" in _applied:
-        return
-    from vllm.platforms.cpu import CpuPlatform
+def _wrap_backend_selection(platform_cls, backend_path: str, fallback) -> None:
     from vllm.v1.attention.backend import AttentionType
 
-    original = CpuPlatform.get_attn_backend_cls.__func__
+    original = platform_cls.get_attn_backend_cls.__func__
 
     @functools.wraps(original)
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
@@ -57,13 +56,28 @@ def patch_cpu_backend_selection(backend_path: str) -> None:
         attn_type = getattr(attn_selector_config, "attn_type", AttentionType.DECODER)
         if name == "HYBRIDKV" and not attn_selector_config.use_mla and attn_type == AttentionType.DECODER:
             return backend_path
-        if name == "HYBRIDKV":       # not a plain decoder layer: vLLM's own CPU backend serves it
-            from vllm.v1.attention.backends.registry import AttentionBackendEnum
-            selected_backend = AttentionBackendEnum.CPU_ATTN
+        if name == "HYBRIDKV":       # not a plain decoder layer: the platform's own choice serves it
+            selected_backend = fallback()
         return original(cls, selected_backend, attn_selector_config, num_heads)
 
-    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
-    _applied.add("cpu_selection")
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def patch_backend_selection(backend_path: str) -> None:
+    if "backend_selection" in _applied:
+        return
+    from vllm.platforms import current_platform
+    from vllm.platforms.cpu import CpuPlatform
+
+    def cpu_attn():
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+        return AttentionBackendEnum.CPU_ATTN
+
+    _wrap_backend_selection(CpuPlatform, backend_path, cpu_attn)
+    if current_platform.is_cuda():          # its module needs vLLM's CUDA build
+        from vllm.platforms.cuda import CudaPlatform
+        _wrap_backend_selection(CudaPlatform, backend_path, lambda: None)     # None: vLLM picks by priority
+    _applied.add("backend_selection")
 
 
 def _rows_of(runner, num_reqs: int):
@@ -222,7 +236,7 @@ def patch_scheduler_admission() -> None:
 
 def apply_all(backend_path: str) -> None:
     _check_version()
-    patch_cpu_backend_selection(backend_path)
+    patch_backend_selection(backend_path)
     patch_v1_runner_batch_context()
     patch_v1_runner_request_release()
     patch_request_validation()

@@ -109,7 +109,8 @@ class HybridKVRuntime:
 
     def plan_for(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int,
                  num_tokens: int) -> StepPlan:
-        """The step plan of the batch being built (made by the first KV-cache group's builder)."""
+        """The step plan of the batch being built (made by the first KV-cache group's builder; ``seq_lens`` is read
+        to the host once per step)."""
         if self.step is None or self._step_batch is not self.batch:
             cfg, rows = self.config, self.batch.rows
             settings = [rows[r].setting if r < len(rows) else RequestSetting() for r in range(num_reqs)]
@@ -179,12 +180,28 @@ _runtime: HybridKVRuntime | None = None
 _runtime_key: str | None = None
 
 
-def _check_flags(vllm_config) -> None:
+def resolve_kv_ops(config: HybridKVConfig) -> str:
+    """``auto``: vLLM's CPU kernels on the CPU build, the project's Triton kernels on CUDA."""
+    if config.kv_ops != "auto":
+        return config.kv_ops
     from vllm.platforms import current_platform
-    if not current_platform.is_cpu():
-        raise ConfigError("this release of HYBRIDKV runs on vLLM's CPU build only: its CUDA attention path (the "
-                          "Triton kernels in hybridkv_kernels exist and are benchmarked) is not wired into vLLM yet; "
-                          "serve with the default --attention-backend on GPUs for now")
+    return "cpu" if current_platform.is_cpu() else "triton"
+
+
+def _check_flags(vllm_config, kv_ops: str) -> None:
+    from vllm.platforms import current_platform
+    if current_platform.is_cuda():
+        # Wired, not yet run on a GPU (README): the decode executor with the Triton KV ops, prefill through the
+        # core's dense attention, the cold tier beside the pool on the device, attention outside CUDA graphs.
+        if kv_ops != "triton":
+            raise ConfigError(f"hybridkv.kv_ops={kv_ops!r} runs vLLM's CPU kernels: on CUDA use 'triton' (or "
+                              "'auto', the default)")
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            raise ConfigError("HYBRIDKV hooks vLLM's V1 GPU model runner: start vLLM with "
+                              "VLLM_USE_V2_MODEL_RUNNER=0")
+    elif not current_platform.is_cpu():
+        raise ConfigError(f"HYBRIDKV runs on vLLM's CPU and CUDA platforms, not on {current_platform.device_name!r}: "
+                          "serve with the default --attention-backend there")
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
         raise ConfigError("HYBRIDKV does not support prefix caching yet (pruned prompt blocks cannot be shared): "
@@ -232,8 +249,8 @@ def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, he
                        "{reason=\"cold_tier_full\"})", config.cold_tier_gib)
 
 
-def _check_kv_ops(config: HybridKVConfig) -> None:
-    if config.kv_ops != "triton":
+def _check_kv_ops(kv_ops: str) -> None:
+    if kv_ops != "triton":
         return
     import hybridkv_kernels
     from vllm.platforms import current_platform
@@ -246,8 +263,9 @@ def _check_kv_ops(config: HybridKVConfig) -> None:
 
 def build_runtime(vllm_config) -> HybridKVRuntime:
     config = parse_config(vllm_config.additional_config)
-    _check_flags(vllm_config)
-    _check_kv_ops(config)
+    kv_ops = resolve_kv_ops(config)
+    _check_flags(vllm_config, kv_ops)
+    _check_kv_ops(kv_ops)
     identity = ModelIdentity.from_hf_config(_root_hf_config(vllm_config.model_config))
     profile = HeadProfile.load(config.profile, expect=identity)
     rank, world = _tp_rank_and_size(vllm_config)
@@ -272,7 +290,7 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     admission = Admission(budgets, page_bytes(block_size, profile.model.head_dim, dtype), max_bytes)
     return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
                            selection=config.selection_config(block_size), block_size=block_size,
-                           accounting=accounting, budgets=budgets, admission=admission, kv_ops_kind=config.kv_ops,
+                           accounting=accounting, budgets=budgets, admission=admission, kv_ops_kind=kv_ops,
                            kv_dtype=dtype)
 
 
