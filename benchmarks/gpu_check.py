@@ -448,7 +448,7 @@ def build_layer(lib, cfg: Config, batch: int, ctx: int, gen: torch.Generator) ->
     nb = batch * M + 1                                                     # blocks per head; block 0: null block
     pool = torch.randn(H * nb, 2 * bs, D, dtype=dtype, device=DEVICE, generator=gen)
     tables = (torch.randperm(nb - 1, device=DEVICE, generator=gen)[:batch * M] + 1).view(batch, M).to(torch.int32)
-    cold = lib.ColdTier(bs, D, dtype, hd, device=DEVICE)
+    cold = lib.ColdTier(bs, D, dtype, hd, device=DEVICE, pages_on_host=False)    # cold_tier_memory "device"
     cold._grow_pages(batch * hd * C)          # one allocation up front (admit grows by doubling: slower, 3x peak)
     for r in range(batch):
         cold.admit(f"r{r}", C, torch.full((hd,), kept))
@@ -787,8 +787,9 @@ def swap_selections(lib, cfg: Config, timer: Timer, deadline: float, gen, d: dic
 
 
 def pinned_step(lib, cfg: Config, timer: Timer, batch: int, ctx: int, gen) -> dict:
-    """Section 3's layer step (swap variant) with the cold pages in device memory, then with ``ColdTier.pages``
-    replaced by a pinned host copy (summaries, tables, hot buffers stay on the device)."""
+    """Section 3's layer step (swap variant) with the cold pages in device memory (``cold_tier_memory="device"``),
+    then with ``ColdTier.pages`` replaced by a pinned host copy (summaries, tables, hot buffers stay on the device):
+    what ``cold_tier_memory="host"``, the product's default, allocates (``ColdTier(pages_on_host=True)``)."""
     s = build_layer(lib, cfg, batch, ctx, gen)
     s.run()
     s.restore()

@@ -16,6 +16,12 @@ of a layer):
 * per request a *slot*: ``table[slot, head, c]`` = the cold page of chunk ``c`` of dynamic head ``head`` (heads
   numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the chunk hot slot ``j`` holds.
 
+Where it lives (``cold_tier_memory``): the summaries, tables and resident maps sit beside the KV cache (the device),
+read by every decode step's scoring; the pages sit in host memory (``"host"``, the default: pinned on a GPU, where
+the swap-in kernel reads them through unified addressing and copies only the chunks that are missing) or beside the
+pool (``"device"``: no memory saving for dynamic heads on a GPU, only fewer bytes read per step). On vLLM's CPU
+build both are host memory.
+
 Pages are handed out from a free list and the allocation doubles when it runs out (bounded by ``max_bytes``,
 the ``cold_tier_gib`` setting, when set); it is released whole once no request holds an entry. While requests run,
 the allocation can be up to twice the bytes they hold (``nbytes``, the ``hybridkv:cold_tier_bytes`` gauge).
@@ -48,12 +54,14 @@ class ColdTierFull(RuntimeError):
 
 class ColdTier:
     def __init__(self, block_size: int, head_dim: int, dtype: torch.dtype, num_heads: int,
-                 max_bytes: int | None = None, device: torch.device | str = "cpu") -> None:
+                 max_bytes: int | None = None, device: torch.device | str = "cpu", pages_on_host: bool = True) -> None:
         self.block_size, self.head_dim, self.dtype, self.num_heads = block_size, head_dim, dtype, num_heads
         self.max_bytes, self.device = max_bytes, torch.device(device)
+        self.pages_device = torch.device("cpu") if pages_on_host else self.device
+        self.pinned = pages_on_host and self.device.type == "cuda"
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
         self.page_bytes = page_bytes(block_size, head_dim, dtype)
-        self.pages = torch.empty(0, 2 * block_size, head_dim, dtype=dtype, device=self.device)
+        self.pages = self._new_pages(0)
         self.kmin = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
         self.kmax = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
         self.free_pages: list[int] = []
@@ -75,10 +83,16 @@ class ColdTier:
                 raise ColdTierFull(f"the cold tier needs {need} more pages of {self.page_bytes} B "
                                    f"({self.nbytes / 2**20:.1f} MiB held, bound {self.max_bytes / 2**30:g} GiB)")
         grow = new - have
-        self.pages = torch.cat([self.pages, self.pages.new_empty(grow, *self.pages.shape[1:])])
+        pages = self._new_pages(new)
+        pages[:have].copy_(self.pages)
+        self.pages = pages
         self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow, self.head_dim)])
         self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow, self.head_dim)])
         self.free_pages.extend(range(new - 1, have - 1, -1))
+
+    def _new_pages(self, n: int) -> torch.Tensor:
+        return torch.empty(n, 2 * self.block_size, self.head_dim, dtype=self.dtype, device=self.pages_device,
+                           pin_memory=self.pinned)
 
     def _grow_slots(self, chunks: int, hot: int) -> None:
         slots, _, width = self.table.shape
@@ -135,7 +149,7 @@ class ColdTier:
             self.nbytes -= entry.nbytes
         if not self.entries and self.pages.shape[0]:
             # idle: hand the pooled allocation back rather than keep its capacity while reporting 0 bytes held
-            self.pages, self.kmin, self.kmax = self.pages[:0].clone(), self.kmin[:0].clone(), self.kmax[:0].clone()
+            self.pages, self.kmin, self.kmax = self._new_pages(0), self.kmin[:0].clone(), self.kmax[:0].clone()
             self.free_pages = []
 
     def __len__(self) -> int:

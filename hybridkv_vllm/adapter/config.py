@@ -15,6 +15,8 @@ Keys (defaults in brackets):
   cold_tier_gib      host memory the dynamic heads' cold tier may use, in GiB [unbounded: at most max_num_seqs x
                      max_model_len, logged at start-up]: a request that would pass it is served uncompressed
                      (requests.py)
+  cold_tier_memory   where the cold tier's pages live: "host" (pinned host memory on a GPU) or "device" (beside
+                     vLLM's pool: no memory saving for dynamic heads on a GPU, fewer bytes read) ["host"]
   kv_ops             the decode executor's KV-ops implementation: "cpu" (vLLM's CPU kernels), "triton" (the
                      project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) or
                      "auto" (cpu on the CPU build, triton on CUDA) ["auto"]
@@ -48,6 +50,7 @@ class HybridKVConfig:
     max_groups: int = 16
     cold_tier_gib: float | None = None
     kv_ops: str = "auto"
+    cold_tier_memory: str = "host"
     selection: dict[str, int] = field(default_factory=dict)
 
     def budget_config(self, block_size: int) -> BudgetConfig:

@@ -48,5 +48,6 @@ def offload(ops: KVOps, plan: StepPlan, heads: LayerHeads, step: LayerStep, pool
         return
     src = step.prompt_pages[heads.dynamic[live], row_index, :chunks]
     dst = dst[live].reshape(-1)
-    cold.pages[dst] = pool[src.reshape(-1)]
-    ops.summaries(cold, dst)
+    tiles = pool[src.reshape(-1)]
+    ops.summaries(cold, dst, tiles)                     # on the pool's device, where the summaries are read
+    cold.pages[dst.to(cold.pages.device)] = tiles.to(cold.pages.device)       # to host memory when it lives there

@@ -202,9 +202,10 @@ class KVOps:
         hk.swap_in.run(pool, cold.pages, torch.where(live, hot, hot[..., :1]), torch.where(live, src, src[..., :1]),
                        torch.where(live, moved, moved[..., :1]), backend=self.backend)
 
-    def summaries(self, cold, pages) -> None:
-        """Quest summaries (fp32 channel-wise min / max) of the full cold ``pages [n]``."""
-        keys = self.read_pages(cold.pages, pages)[0].float()
+    def summaries(self, cold, pages, tiles) -> None:
+        """Quest summaries (fp32 channel-wise min / max) of the full cold ``pages [n]``, whose content is
+        ``tiles [n, 2 * bs, D]`` (read from the pool, where the cold tier's summaries live)."""
+        keys = self.read_pages(tiles, torch.arange(tiles.shape[0], device=tiles.device))[0].float()
         cold.kmin[pages] = keys.amin(dim=1)
         cold.kmax[pages] = keys.amax(dim=1)
 
@@ -383,12 +384,14 @@ class TritonKVOps(KVOps):
     def write_pages(self, pool, pages, k, v) -> None:
         pool[pages.reshape(-1).long()] = torch.cat([k, v], dim=1).to(pool.dtype)
 
-    def summaries(self, cold, pages) -> None:
-        bs = self.block_size
-        k = cold.pages[:, :bs, None, :]                                           # [NC, bs, 1, D]
-        ntok = torch.full_like(pages, bs, dtype=torch.int32)
-        hk.compaction.build_chunk_summaries(k, pages.to(torch.int32), ntok, cold.kmin[:, None, :],
-                                            cold.kmax[:, None, :], backend="triton")
+    def summaries(self, cold, pages, tiles) -> None:
+        bs, n = self.block_size, tiles.shape[0]
+        ids = torch.arange(n, dtype=torch.int32, device=tiles.device)
+        kmin = torch.empty(n, 1, tiles.shape[2], dtype=torch.float32, device=tiles.device)
+        kmax = torch.empty_like(kmin)
+        hk.compaction.build_chunk_summaries(tiles[:, :bs, None, :], ids, torch.full_like(ids, bs), kmin, kmax,
+                                            backend="triton")
+        cold.kmin[pages], cold.kmax[pages] = kmin[:, 0], kmax[:, 0]
 
     def compact(self, pool, pages, kept_tokens, num_kept) -> None:
         h = pages.shape[0]

@@ -98,7 +98,8 @@ class HybridKVRuntime:
     def bind_cold_tier(self, head_dim: int, dtype: torch.dtype, device) -> ColdTier:
         if self.cold is None or self.cold.dtype != dtype or self.cold.device != torch.device(device):
             max_bytes = None if self.config.cold_tier_gib is None else int(self.config.cold_tier_gib * 2**30)
-            self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device)
+            self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device,
+                                 pages_on_host=self.config.cold_tier_memory == "host")
             self.loads = torch.zeros((), dtype=torch.long, device=device)
         return self.cold
 

@@ -56,3 +56,15 @@ def test_a_bound_refuses_growth_past_it_with_a_named_error():
         tier.admit("b", 11, hot)                                 # 55 more pages: past 100
     tier.admit("c", 10, hot)                                     # exactly 100
     assert len(tier) == 2
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_pages_live_on_the_host_or_beside_the_pool_and_the_rest_beside_the_pool(on_host):
+    """cold_tier_memory: the pages (the bulk) in host memory or on the KV cache's device; summaries, tables and
+    resident maps, read by every decode step's scoring, always on the device ("meta" stands in for a GPU)."""
+    cold = ColdTier(16, 8, torch.bfloat16, 2, device="meta", pages_on_host=on_host)
+    cold.admit("r", 6, torch.tensor([2, 3]))
+    assert cold.pages.device.type == ("cpu" if on_host else "meta") and cold.pages.shape[0] >= 12
+    assert {cold.kmin.device.type, cold.kmax.device.type, cold.table.device.type, cold.resident.device.type} == \
+        {"meta"}
+    assert not cold.pinned                                  # pinned only for a CUDA device

@@ -223,7 +223,7 @@ def test_summaries_equal_the_core(kind):
     pages = cold.table[slot, 0, :5]
     k = torch.randn(5 * BS, D)
     ops.write_pages(cold.pages, pages, k.view(5, BS, D), torch.randn(5, BS, D))
-    ops.summaries(cold, pages)
+    ops.summaries(cold, pages, cold.pages[pages])
     kmin, kmax = chunk_summaries(k[None], BS)
     torch.testing.assert_close(cold.kmin[pages], kmin[0])
     torch.testing.assert_close(cold.kmax[pages], kmax[0])
