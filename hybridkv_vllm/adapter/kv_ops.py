@@ -348,9 +348,8 @@ class TritonKVOps(KVOps):
     def attend(self, plan, heads, pool, query, pages, seq_lens, scale, output, layer=None) -> None:
         n, hq, d = query.shape
         h = pages.shape[0]
-        rows = plan.single_rows
+        rows, tokens = plan.single_rows, plan.single_tokens
         if rows.numel():
-            tokens = plan.query_start_loc.long()[rows]
             k, v = self._kv(pool, h)
             out = torch.empty(rows.numel(), hq, d, dtype=query.dtype, device=query.device)
             hk.sparse_decode.run(query[tokens], k, v, pages[:, rows].transpose(0, 1).to(torch.int32),

@@ -135,6 +135,7 @@ class StepPlan:
     completing: list[int] = field(default_factory=list)   # rows that complete a compressed prompt
     prefill_rows: list[int] = field(default_factory=list)  # rows with more than one query token
     single_rows: torch.Tensor | None = None               # int64: rows with exactly one query token
+    single_tokens: torch.Tensor | None = None             # int64: their query token
     cache: dict = field(default_factory=dict)             # per-step values an implementation derives once
 
     @property
@@ -172,7 +173,9 @@ class StepPlan:
         def device_tensor(values: list[int], dtype=torch.long) -> torch.Tensor:     # host list -> one copy
             return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
 
-        self.single_rows = device_tensor([r for r, row in enumerate(self.rows) if row.q_end - row.q_start == 1])
+        single = [r for r, row in enumerate(self.rows) if row.q_end - row.q_start == 1]
+        self.single_rows = device_tensor(single)
+        self.single_tokens = device_tensor([self.rows[r].q_start for r in single])
         retrieving = [(r, cold_slot(row.req_id)) for r, row in enumerate(self.rows) if row.retrieves]
         found = [(r, s) for r, s in retrieving if s is not None]
         if found:

@@ -97,6 +97,7 @@ def test_retrieving_and_completing_rows(rows):
     assert plan.completing == want_complete
     assert plan.prefill_rows == [r for r, (_, _, q) in enumerate(rows) if q > 1]
     assert plan.single_rows.tolist() == [r for r, (_, _, q) in enumerate(rows) if q == 1]
+    assert plan.single_tokens.tolist() == plan.query_start_loc[plan.single_rows].tolist()
     if not want_decode:
         assert plan.decode is None
         return
