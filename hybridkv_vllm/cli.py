@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder (results.json, table.md, plot.png)")
     e.add_argument("--quick", action="store_true", help="tiny workload for smoke tests")
     e.add_argument("--gen-tokens", type=int, default=64, help="generated tokens compared (default 64)")
+    e.add_argument("--sub-chunks", type=int, default=1,
+                   help="retrieval units per 16-token chunk of dynamic heads (default 1; 2: 8-token units)")
     e.add_argument("--threads", type=int, help="torch intra-op threads (default 1, or $HYBRIDKV_THREADS)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)

@@ -172,7 +172,8 @@ class CompressedLayerCache:
             if kind is HeadKind.STATIC else None
             for head, kind in enumerate(self.rules.kinds)
         ]
-        self.summaries = chunk_summaries(k[:self.prompt_aligned].permute(1, 0, 2), self.cfg.chunk_size)
+        unit = self.cfg.retrieval_units().chunk_size                     # retrieval unit (a block or a part of one)
+        self.summaries = chunk_summaries(k[:self.prompt_aligned].permute(1, 0, 2), unit)
 
     def _obs_scores(self, q_obs: torch.Tensor | None, q_obs_pos: torch.Tensor | None) -> torch.Tensor | None:
         if q_obs is None:
@@ -202,7 +203,7 @@ class CompressedLayerCache:
     def kept(self, q: torch.Tensor) -> list[torch.Tensor]:
         """Positions each KV head attends to for decode query ``q [Hq, D]`` at the current length."""
         self._require_kv()
-        s, cs = self.length, self.cfg.chunk_size
+        s, cs = self.length, self.cfg.retrieval_units().chunk_size
         tail = torch.arange(self.prompt_aligned, s, dtype=torch.long)
         dyn = [h for h, kind in enumerate(self.rules.kinds) if kind is HeadKind.DYNAMIC]
         chunks = self._dynamic_chunks(q, dyn) if dyn else {}
@@ -224,10 +225,13 @@ class CompressedLayerCache:
         """Cold prompt chunks each dynamic head retrieves for query ``q [Hq, D]``."""
         assert self.summaries is not None                   # made at prefill when a head is dynamic
         kmin, kmax = self.summaries
-        c, cs = int(kmin.shape[1]), self.cfg.chunk_size
-        scores = score_chunks(q, kmin, kmax)                                   # [H, C]
-        return {h: select_chunks(scores[h:h + 1], c,
-                                 retrieval_chunks(int(self.rules.budgets[h]), self.prompt_len, cs), self.cfg)[0]
+        units = self.cfg.retrieval_units()
+        c, sub = int(kmin.shape[1]), self.cfg.sub_chunks
+        scores = score_chunks(q, kmin, kmax)                                   # [H, C units]
+        # budgets are whole chunks (= KV blocks), each ``sub_chunks`` retrieval units
+        return {h: select_chunks(scores[h:h + 1], c, sub * retrieval_chunks(int(self.rules.budgets[h]),
+                                                                            self.prompt_len, self.cfg.chunk_size),
+                                 units)[0]
                 for h in heads}
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ Choices (where DESIGN §4 is silent)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,16 +42,28 @@ class SelectionConfig:
     chunk_size: int = 16
     sink_chunks: int = 1
     recent_chunks: int = 1
+    # [choice] retrieval granularity: dynamic heads score and retrieve units of ``chunk_size // sub_chunks`` tokens
+    # (the cold region stays block-aligned, budgets stay whole blocks, the sink and recent spans whole chunks)
+    sub_chunks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("sink_tokens", "recent_tokens", "sink_chunks", "recent_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r}: expected an integer >= 0")
-        for name in ("obs_window", "pool_kernel", "chunk_size"):
+        for name in ("obs_window", "pool_kernel", "chunk_size", "sub_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r}: expected an integer >= 1")
+        if self.chunk_size % self.sub_chunks:
+            raise ConfigError(f"sub_chunks={self.sub_chunks} must divide chunk_size={self.chunk_size}")
+
+    def retrieval_units(self) -> SelectionConfig:
+        """The selection of dynamic heads in retrieval units: ``chunk_size // sub_chunks`` tokens each, the sink and
+        recent spans still whole chunks (``sink_chunks * sub_chunks`` units)."""
+        s = self.sub_chunks
+        return replace(self, chunk_size=self.chunk_size // s, sink_chunks=self.sink_chunks * s,
+                       recent_chunks=self.recent_chunks * s, sub_chunks=1)
 
 
 # ------------------------------------------------------------------------------------------------ priority order

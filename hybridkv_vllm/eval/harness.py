@@ -32,6 +32,7 @@ from hybridkv_vllm.core.budgets import BudgetConfig
 from hybridkv_vllm.core.errors import ConfigError
 from hybridkv_vllm.core.policy import POLICIES, make_policy
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
+from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.eval.metrics import mean_kl, passkey_found, top1_agreement
 from hybridkv_vllm.eval.prompts import MULTIMODAL_EVAL, long_text_prompts, niah_prompts
 from hybridkv_vllm.hf.generate import Session
@@ -54,6 +55,7 @@ class EvalConfig:
     num_text: int = 2
     num_mm: int = 2
     gen_tokens: int = 64
+    sub_chunks: int = 1               # retrieval units per chunk of dynamic heads (SelectionConfig.sub_chunks)
 
     def quick(self) -> EvalConfig:
         return replace(self, niah_lengths=(160,), niah_depths=(0.25, 0.75), niah_new_tokens=6, text_tokens=160,
@@ -62,8 +64,10 @@ class EvalConfig:
 
 def _policies(profile: HeadProfile, cfg: EvalConfig):
     """``[(method, budget, policy)]`` for every compressed method, plus the full-cache policy."""
-    full = make_policy("full", profile, BudgetConfig(1.0))
-    runs = [(m, b, make_policy(m, profile, BudgetConfig(b))) for b in cfg.budgets for m in cfg.methods if m != "full"]
+    selection = SelectionConfig(sub_chunks=cfg.sub_chunks)
+    full = make_policy("full", profile, BudgetConfig(1.0), selection)
+    runs = [(m, b, make_policy(m, profile, BudgetConfig(b), selection)) for b in cfg.budgets for m in cfg.methods
+            if m != "full"]
     return full, runs
 
 
@@ -186,7 +190,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in POLICIES]
     if unknown or not methods:
         raise ConfigError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(POLICIES)}")
-    cfg = EvalConfig(budgets=tuple(args.budgets), methods=methods, gen_tokens=args.gen_tokens)
+    cfg = EvalConfig(budgets=tuple(args.budgets), methods=methods, gen_tokens=args.gen_tokens,
+                     sub_chunks=args.sub_chunks)
     if args.quick:
         cfg = cfg.quick()
     t0 = time.perf_counter()

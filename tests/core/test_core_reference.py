@@ -198,3 +198,44 @@ def test_cache_multi_token_append_and_explicit_obs_positions(make_profile, make_
     cache.append(k[P:P + 3], v[P:P + 3])
     out = cache.decode(q[P + 3], k[P + 3], v[P + 3])
     torch.testing.assert_close(out, dense_attention(q[P + 3][None], k, v, SCALE)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sub", [2, 4])
+def test_sub_chunk_retrieval_units(sub, make_identity):
+    """Retrieval finer than a block: a dynamic head keeps the same number of prompt tokens (whole blocks' worth) in
+    ``chunk_size // sub`` -token units aligned to that unit, the sink block and the prompt's last complete block
+    whole, the units scoring highest by the Quest bound, and the same hot tail; static heads do not change."""
+    gen = torch.Generator().manual_seed(11)
+    H, G, P, cs = 2, 2, 150, 16
+    unit = cs // sub
+    ident = make_identity(num_layers=1, num_q_heads=H * G, num_kv_heads=H, head_dim=D)
+    prof = HeadProfile.from_scores(ident, torch.tensor([[0.97, 0.3]], dtype=torch.float64))
+    whole = HybridKVPolicy(prof, BudgetConfig(0.5, block_size=cs), SelectionConfig(chunk_size=cs))
+    fine = HybridKVPolicy(prof, BudgetConfig(0.5, block_size=cs), SelectionConfig(chunk_size=cs, sub_chunks=sub))
+    k, v = torch.randn(P + 4, H, D, generator=gen), torch.randn(P + 4, H, D, generator=gen)
+    q = torch.randn(P + 4, H * G, D, generator=gen)
+    caches = []
+    for policy in (whole, fine):
+        cache = CompressedLayerCache(policy.rules(0, P), SCALE)
+        cache.prefill(k[:P], v[:P], torch.zeros(P, dtype=torch.bool), q_obs=q[P - 32:P])
+        for t in range(P, P + 4):
+            cache.decode(q[t], k[t], v[t])
+        caches.append(cache)
+    (s_whole, d_whole), (s_fine, d_fine) = caches[0].kept(q[-1]), caches[1].kept(q[-1])
+    assert torch.equal(s_whole, s_fine)                                      # static heads untouched
+    p_al, S = cs * (P // cs), caches[1].length
+    prompt = d_fine[d_fine < p_al]
+    assert len(prompt) == len(d_whole[d_whole < p_al])                     # the same budget in tokens
+    assert torch.equal(d_fine[len(prompt):], torch.arange(p_al, S))        # the same hot tail
+    units = sorted({int(i) // unit for i in prompt})
+    assert len(prompt) == len(units) * unit                                 # whole units
+    assert set(range(sub)) <= set(units)                                    # the sink block, whole
+    assert set(range(p_al // unit - sub, p_al // unit)) <= set(units)       # the last complete block, whole
+    # the free units are the highest-scoring ones by the Quest bound (the oracle: score_chunks over the units)
+    from hybridkv_vllm.core.selection import chunk_summaries, score_chunks
+    kmin, kmax = chunk_summaries(k[:p_al, 1][None], unit)
+    scores = score_chunks(q[-1][G:2 * G], kmin, kmax)[0]
+    forced = set(range(sub)) | set(range(p_al // unit - sub, p_al // unit))
+    free = [u for u in units if u not in forced]
+    rest = [u for u in range(p_al // unit) if u not in units]
+    assert free and rest and min(scores[free]) >= max(scores[rest])

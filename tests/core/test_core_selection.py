@@ -196,3 +196,14 @@ def test_retrieval_chunks():
     assert retrieval_chunks(0, 5, 16) == 0 and retrieval_chunks(31, 40, 16) == 1
     with pytest.raises(ConfigError):
         retrieval_chunks(-16, 40, 16)
+
+
+def test_retrieval_units_split_chunks_and_keep_forced_spans_whole():
+    from hybridkv_vllm.core.errors import ConfigError
+    cfg = SelectionConfig(chunk_size=32, sink_chunks=1, recent_chunks=2, sub_chunks=4)
+    units = cfg.retrieval_units()
+    assert (units.chunk_size, units.sink_chunks, units.recent_chunks, units.sub_chunks) == (8, 4, 8, 1)
+    assert SelectionConfig(chunk_size=32).retrieval_units() == SelectionConfig(chunk_size=32)
+    for bad in (3, 0):
+        with pytest.raises(ConfigError, match="sub_chunks"):
+            SelectionConfig(chunk_size=32, sub_chunks=bad)
