@@ -12,9 +12,11 @@ Storage (one allocation, not a tensor pair per request and head, so that one ope
 of a layer):
 
 * ``pages [capacity, 2 * bs, D]``: K tile then V tile, like one page of a one-head virtual layer;
-* ``kmin``, ``kmax [capacity, D]`` fp32;
+* ``kmin``, ``kmax [capacity * units, D]`` fp32: one summary per retrieval unit (``sub_chunks`` units of
+  ``bs // sub_chunks`` tokens per page; unit ``j`` of page ``p`` is row ``p * units + j``, its *unit address*);
 * per request a *slot*: ``table[slot, head, c]`` = the cold page of chunk ``c`` of dynamic head ``head`` (heads
-  numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the chunk hot slot ``j`` holds.
+  numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the unit (chunk index x units
+  + j) hot unit slot ``j`` holds.
 
 Where it lives (``cold_tier_memory``): the summaries, tables and resident maps sit beside the KV cache (the device),
 read by every decode step's scoring; the pages sit in host memory (``"host"``, the default: pinned on a GPU, where
@@ -43,9 +45,9 @@ class ColdEntry:
     nbytes: int
 
 
-def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes of one cold page: a chunk's K and V tiles plus its fp32 min / max summaries."""
-    return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size() + 2 * head_dim * 4
+def page_bytes(block_size: int, head_dim: int, dtype: torch.dtype, units: int = 1) -> int:
+    """Bytes of one cold page: a chunk's K and V tiles plus the fp32 min / max summaries of its ``units``."""
+    return 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size() + 2 * head_dim * 4 * units
 
 
 class ColdTierFull(RuntimeError):
@@ -54,13 +56,15 @@ class ColdTierFull(RuntimeError):
 
 class ColdTier:
     def __init__(self, block_size: int, head_dim: int, dtype: torch.dtype, num_heads: int,
-                 max_bytes: int | None = None, device: torch.device | str = "cpu", pages_on_host: bool = True) -> None:
+                 max_bytes: int | None = None, device: torch.device | str = "cpu", pages_on_host: bool = True,
+                 units: int = 1) -> None:
         self.block_size, self.head_dim, self.dtype, self.num_heads = block_size, head_dim, dtype, num_heads
+        self.units = units
         self.max_bytes, self.device = max_bytes, torch.device(device)
         self.pages_device = torch.device("cpu") if pages_on_host else self.device
         self.pinned = pages_on_host and self.device.type == "cuda"
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
-        self.page_bytes = page_bytes(block_size, head_dim, dtype)
+        self.page_bytes = page_bytes(block_size, head_dim, dtype, units)
         self.pages = self._new_pages(0)
         self.kmin = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
         self.kmax = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
@@ -86,8 +90,8 @@ class ColdTier:
         pages = self._new_pages(new)
         pages[:have].copy_(self.pages)
         self.pages = pages
-        self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow, self.head_dim)])
-        self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow, self.head_dim)])
+        self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow * self.units, self.head_dim)])
+        self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow * self.units, self.head_dim)])
         self.free_pages.extend(range(new - 1, have - 1, -1))
 
     def _new_pages(self, n: int) -> torch.Tensor:
@@ -114,12 +118,13 @@ class ColdTier:
     # -- requests
     def admit(self, req_id: str, chunks: int, hot: torch.Tensor) -> int:
         """Give a request a slot and cold pages for ``chunks`` chunks of every dynamic head with ``hot[head] > 0``
-        hot slots; its hot buffers start out holding chunks ``0 .. hot - 1`` (the pool blocks they are).
+        hot blocks; its hot buffers start out holding units ``0 .. hot * units - 1`` (the pool blocks they are).
         Returns the slot (the request's earlier entry, if any, is released first)."""
         self.drop([req_id])
         heads = torch.nonzero(hot > 0).flatten()
         need = int(heads.numel()) * chunks
         self._grow_pages(need)
+        hot = hot * self.units                                        # hot unit slots
         self._grow_slots(chunks, int(hot.max()) if hot.numel() else 1)
         pages = torch.tensor(self.free_pages[len(self.free_pages) - need:][::-1], dtype=torch.long)
         del self.free_pages[len(self.free_pages) - need:]

@@ -21,6 +21,7 @@ Keys (defaults in brackets):
                      project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) or
                      "auto" (cpu on the CPU build, triton on CUDA) ["auto"]
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
+  sub_chunks         retrieval units per KV block of dynamic heads (must divide --block-size) [1]
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from hybridkv_vllm.core.errors import BudgetError, ConfigError
 from hybridkv_vllm.core.selection import SelectionConfig
 
 ENV_VAR = "HYBRIDKV_CONFIG"
-SELECTION_KEYS = ("sink_tokens", "recent_tokens", "obs_window", "pool_kernel", "sink_chunks", "recent_chunks")
+SELECTION_KEYS = ("sink_tokens", "recent_tokens", "obs_window", "pool_kernel", "sink_chunks", "recent_chunks",
+                  "sub_chunks")
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def parse_config(additional_config: dict[str, Any] | None) -> HybridKVConfig:
     cfg = HybridKVConfig(profile=profile, **values, selection={k: raw[k] for k in SELECTION_KEYS if k in raw})
     try:
         cfg.budget_config(block_size=16)
-        cfg.selection_config(block_size=16)
+        cfg.selection_config(block_size=16 * cfg.selection.get("sub_chunks", 1))    # the block size is not known yet
     except BudgetError as exc:
         raise ConfigError(f"hybridkv: {exc}") from exc
     return cfg

@@ -76,15 +76,19 @@ class LayerStep:
     prompt_pages: torch.Tensor    # int64 [H, R, M]: the tables as vLLM gave them, as global pages
     slots: torch.Tensor           # int64 [H, N]: global slots (-1: padding)
     seq_lens: torch.Tensor        # int32 [H, R]
-    cold_table: torch.Tensor | None = None    # int64 [Rr, Hd, C]: cold pages of the decode rows' dynamic heads
-    k: torch.Tensor | None = None             # int64 [Rr, Hd]: chunks each retrieves (0: none)
-    hot: torch.Tensor | None = None           # int64 [Rr, Hd, K]: global pages of their hot slots
+    # Retrieval, in *units* (``selection.sub_chunks`` per chunk = block; unit address = page x units + j; with one
+    # unit per chunk, a unit is a chunk and its address a page):
+    cold_table: torch.Tensor | None = None    # int64 [Rr, Hd, C x units]: cold unit addresses of the decode rows
+    k: torch.Tensor | None = None             # int64 [Rr, Hd]: units each retrieves (0: none)
+    hot: torch.Tensor | None = None           # int64 [Rr, Hd, K]: pool unit addresses of their hot unit slots
     live: torch.Tensor | None = None          # bool [Rr, Hd, K]: slot j < k
     hot_or_first: torch.Tensor | None = None  # int64 [Rr, Hd, K]: ``hot``, dead slots repeating slot 0
     every_head_retrieves: bool = True         # k > 0 for every (row, dynamic head)
     live_count: torch.Tensor | None = None    # int64 []: live slots
-    forced: torch.Tensor | None = None        # float64 [Rr, 1, C]: selection keys of forced / invalid chunks
-    is_forced: torch.Tensor | None = None     # bool [Rr, 1, C]: where ``forced`` applies (else the score)
+    forced: torch.Tensor | None = None        # float64 [Rr, 1, C x units]: keys of forced / invalid units
+    is_forced: torch.Tensor | None = None     # bool [Rr, 1, C x units]: where ``forced`` applies (else the score)
+    units: int = 1                            # retrieval units per chunk
+    k_max: int = 0                            # unit slots this step (the decode plan's k_max x units)
 
 
 def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: SelectionConfig) -> list[LayerStep]:
@@ -101,27 +105,33 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
     steps = [LayerStep(pages[i], prompt_pages[i], slots[i], seq_lens[i]) for i in range(len(layers))]
     dec = plan.decode
     if dec is not None:
-        width = dec.k_max
-        # [Rr, Hdyn, C]; a head without a cold entry (its tier keeps this prompt whole: k = 0) reads page 0,
-        # never selected, so that no kernel dereferences -1
-        cold_tables = cold.table[dec.cold_slots].clamp(min=0)
+        sub = selection.sub_chunks
+        units = selection.retrieval_units()
+        width = dec.k_max * sub
+        dev = pages.device
+        # [Rr, Hdyn, C x sub] unit addresses; a head without a cold entry (its tier keeps this prompt whole: k = 0)
+        # reads page 0, never selected, so that no kernel dereferences -1
+        cold_pages = cold.table[dec.cold_slots].clamp(min=0)
+        cold_tables = (cold_pages[..., None] * sub + torch.arange(sub, device=dev)).flatten(2)
         # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
-        # sinks (lower index first) above recent chunks (newest first) above scores; chunks past C last.
-        c = torch.arange(cold_tables.shape[2], device=cold_tables.device)
-        n = torch.div(dec.chunk_tokens.long(), bs, rounding_mode="floor")[:, None, None]
+        # sinks (lower index first) above recent units (newest first) above scores; units past C last.
+        c = torch.arange(cold_tables.shape[2], device=dev)
+        n = torch.div(dec.chunk_tokens.long(), units.chunk_size, rounding_mode="floor")[:, None, None]
         cf = c.double() / cold_tables.shape[2]
         forced = torch.where(c < n, float("nan"), float("-inf")).expand(len(dec.rows), 1, c.numel())
-        forced = torch.where((c >= n - selection.recent_chunks) & (c < n), 1e200 * (2 + cf), forced)
-        forced = torch.where((c < selection.sink_chunks) & (c < n), 1e200 * (4 - cf), forced)
+        forced = torch.where((c >= n - units.recent_chunks) & (c < n), 1e200 * (2 + cf), forced)
+        forced = torch.where((c < units.sink_chunks) & (c < n), 1e200 * (4 - cf), forced)
         is_forced = ~torch.isnan(forced)
-        j = torch.arange(width, device=cold_tables.device)
+        j = torch.arange(width, device=dev)
         for i, heads in enumerate(layers):
             if heads.dynamic.numel():
                 lo, hi = heads.cold_start, heads.cold_start + heads.dynamic.numel()
                 step = steps[i]
                 step.cold_table = cold_tables[:, lo:hi]
-                step.k = dec.k[heads.tiers[heads.dynamic]].transpose(0, 1)
-                step.hot = pages[i][heads.dynamic][:, dec.rows, :width].transpose(0, 1)
+                step.k = dec.k[heads.tiers[heads.dynamic]].transpose(0, 1) * sub
+                hot_pages = pages[i][heads.dynamic][:, dec.rows, :dec.k_max].transpose(0, 1)     # [Rr, Hd, k_max]
+                step.hot = hot_pages.repeat_interleave(sub, dim=2) * sub + j % sub                 # unit addresses
+                step.units, step.k_max = sub, width
                 step.live = j < step.k[..., None]
                 step.hot_or_first = torch.where(step.live, step.hot, step.hot[..., :1])
                 step.every_head_retrieves = bool((dec.k_host[heads.tiers_host[heads.dynamic_host]] > 0).all())
@@ -179,14 +189,15 @@ class KVOps:
     def select(self, q, cold, step: LayerStep, dec) -> torch.Tensor:
         """Chunks each (row, dynamic head) retrieves: ``[Rr, Hd, k_max]``; the first ``k`` entries count
         (``chunk_scoring``: here ascending, ``-1`` padded)."""
-        cold_table, chunk_tokens, k_max, k_per = step.cold_table, dec.chunk_tokens, dec.k_max, step.k
+        cold_table, chunk_tokens, k_max, k_per = step.cold_table, dec.chunk_tokens, step.k_max, step.k
         rows, heads = cold_table.shape[:2]
+        units = self.selection.retrieval_units()                          # scored and retrieved units
         kmin = cold.kmin[:, None, :].expand(cold.kmin.shape[0], heads, cold.kmin.shape[1])   # head stride 0
         kmax = cold.kmax[:, None, :].expand(cold.kmax.shape[0], heads, cold.kmax.shape[1])
         out = torch.empty(rows, heads, k_max, dtype=torch.int32, device=q.device)
         hk.chunk_scoring.run(q, kmin, kmax, cold_table, chunk_tokens, k_max, out,
-                             chunk_size=self.block_size, sink_chunks=self.selection.sink_chunks,
-                             recent_chunks=self.selection.recent_chunks, k_per=k_per.to(torch.int32),
+                             chunk_size=units.chunk_size, sink_chunks=units.sink_chunks,
+                             recent_chunks=units.recent_chunks, k_per=k_per.to(torch.int32),
                              backend=self.backend)
         return out
 
@@ -197,17 +208,34 @@ class KVOps:
 
     def _copy_in(self, pool, cold, step: LayerStep, src, live, moved) -> None:
         """``hybridkv_kernels.swap_in`` of the ``moved`` slots; a head's dead slots repeat its slot 0 (the
-        kernel's contract: one page, one source)."""
+        kernel's contract: one page, one source). ``src`` and ``step.hot`` are unit addresses; with several units
+        per page the kernel copies *pieces*: a page ``[2 bs, D]`` is ``2 x units`` pieces ``[bs / units, D]``
+        (the K pieces, then the V pieces, for the row-major pages of this implementation)."""
         hot = step.hot
-        hk.swap_in.run(pool, cold.pages, torch.where(live, hot, hot[..., :1]), torch.where(live, src, src[..., :1]),
-                       torch.where(live, moved, moved[..., :1]), backend=self.backend)
+        dst, src = torch.where(live, hot, hot[..., :1]), torch.where(live, src, src[..., :1])
+        moved = torch.where(live, moved, moved[..., :1])
+        s = step.units
+        if s == 1:
+            hk.swap_in.run(pool, cold.pages, dst, src, moved, backend=self.backend)
+            return
+        u = self.block_size // s
+
+        def piece(addr):                                      # K piece of a unit address, then its V piece
+            k = torch.div(addr, s, rounding_mode="floor") * (2 * s) + addr.remainder(s)
+            return torch.cat([k, k + s], dim=-1)
+
+        hk.swap_in.run(pool.view(-1, u, pool.shape[2]), cold.pages.view(-1, u, pool.shape[2]), piece(dst),
+                       piece(src), torch.cat([moved, moved], dim=-1), backend=self.backend)
 
     def summaries(self, cold, pages, tiles) -> None:
-        """Quest summaries (fp32 channel-wise min / max) of the full cold ``pages [n]``, whose content is
-        ``tiles [n, 2 * bs, D]`` (read from the pool, where the cold tier's summaries live)."""
-        keys = self.read_pages(tiles, torch.arange(tiles.shape[0], device=tiles.device))[0].float()
-        cold.kmin[pages] = keys.amin(dim=1)
-        cold.kmax[pages] = keys.amax(dim=1)
+        """Quest summaries (fp32 channel-wise min / max) of every retrieval unit of the full cold ``pages [n]``,
+        whose content is ``tiles [n, 2 * bs, D]`` (read from the pool, where the cold tier's summaries live)."""
+        n, s = tiles.shape[0], cold.units
+        keys = self.read_pages(tiles, torch.arange(n, device=tiles.device))[0].float()      # [n, bs, D]
+        keys = keys.view(n, s, -1, keys.shape[-1])
+        rows = (pages[:, None] * s + torch.arange(s, device=pages.device)).reshape(-1)
+        cold.kmin[rows] = keys.amin(dim=2).reshape(n * s, -1)
+        cold.kmax[rows] = keys.amax(dim=2).reshape(n * s, -1)
 
     def compact(self, pool, pages, kept_tokens, num_kept) -> None:
         """Static heads: token ``kept_tokens[h, i]`` (logical position in the row of ``pages[h]``) moves to logical
@@ -258,12 +286,16 @@ class CpuKVOps(KVOps):
         qg = q.float().view(rows, heads, g, 1, d)
         scores = torch.maximum(qg * kmn, qg * kmx).sum(-1).sum(2)                   # [Rr, Hd, C]
         key = torch.where(step.is_forced, step.forced, scores.double())
-        return torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :dec.k_max]
+        return torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :step.k_max]
 
     def fill_hot(self, pool, cold, step: LayerStep, chosen, cold_slots, cold_start: int, loads) -> None:
         """Rewrite every live hot slot from the cold tier: on the CPU the cold tier is host memory like the pool,
         and one copy costs less than tracking which slots changed."""
         src = step.cold_table.gather(2, chosen)
+        if step.units > 1:
+            self._fill_units(pool, cold, step, src)
+            loads += step.live_count
+            return
         src = torch.where(step.live, src, src[..., :1])
         if step.every_head_retrieves:                  # dead slots repeat slot 0: the same page, the same source
             pool.index_copy_(0, step.hot_or_first.reshape(-1), cold.pages.index_select(0, src.reshape(-1)))
@@ -271,6 +303,24 @@ class CpuKVOps(KVOps):
             live = torch.where(step.live, step.live, step.live[..., :1])
             hk.swap_in.run(pool, cold.pages, step.hot_or_first, src, live, backend=self.backend)
         loads += step.live_count
+
+    def _fill_units(self, pool, cold, step: LayerStep, src) -> None:
+        """Units finer than a page: copy each live unit's K and V elements (their places inside a page, keys in the
+        ISA's layout) from its cold page into its hot slot's place in the pool."""
+        s, live = step.units, step.live
+        pos = self._unit_positions(s, pool.device)                                  # [s, 2 u D]
+        src, dst = src[live], step.hot[live]                                         # live units only (host here)
+        flat_pool, flat_cold = pool.view(pool.shape[0], -1), cold.pages.view(cold.pages.shape[0], -1)
+        values = flat_cold[torch.div(src, s, rounding_mode="floor")[:, None], pos[src.remainder(s)]]
+        flat_pool[torch.div(dst, s, rounding_mode="floor")[:, None], pos[dst.remainder(s)]] = values
+
+    @functools.lru_cache(maxsize=8)
+    def _unit_positions(self, s: int, device) -> torch.Tensor:
+        """Offsets inside a flattened page of unit ``j``'s K elements (through the key layout) and V elements."""
+        bs, d = self.block_size, self.head_size
+        ud = bs // s * d
+        return torch.stack([torch.cat([self.key_perm[j * ud:(j + 1) * ud], bs * d + torch.arange(j * ud, (j + 1) * ud)])
+                            for j in range(s)]).to(device)
 
     def _virtual_rows(self, plan: StepPlan, heads: LayerHeads, seq_lens: torch.Tensor, group: int):
         """Per step and tier signature: query starts, lengths and scheduler metadata of the ``H x R`` kernel rows."""
@@ -384,13 +434,17 @@ class TritonKVOps(KVOps):
         pool[pages.reshape(-1).long()] = torch.cat([k, v], dim=1).to(pool.dtype)
 
     def summaries(self, cold, pages, tiles) -> None:
-        bs, n = self.block_size, tiles.shape[0]
-        ids = torch.arange(n, dtype=torch.int32, device=tiles.device)
-        kmin = torch.empty(n, 1, tiles.shape[2], dtype=torch.float32, device=tiles.device)
+        """The summary kernel over the tiles' K pieces: a page is ``2 x units`` pieces ``[bs / units, D]``."""
+        n, s, dev = tiles.shape[0], cold.units, tiles.device
+        u = self.block_size // s
+        pieces = tiles.reshape(n * 2 * s, u, 1, tiles.shape[2])
+        ids = (torch.arange(n, device=dev)[:, None] * (2 * s) + torch.arange(s, device=dev)).reshape(-1)
+        kmin = torch.empty(n * 2 * s, 1, tiles.shape[2], dtype=torch.float32, device=dev)
         kmax = torch.empty_like(kmin)
-        hk.compaction.build_chunk_summaries(tiles[:, :bs, None, :], ids, torch.full_like(ids, bs), kmin, kmax,
-                                            backend="triton")
-        cold.kmin[pages], cold.kmax[pages] = kmin[:, 0], kmax[:, 0]
+        ids32 = ids.to(torch.int32)
+        hk.compaction.build_chunk_summaries(pieces, ids32, torch.full_like(ids32, u), kmin, kmax, backend="triton")
+        rows = (pages[:, None] * s + torch.arange(s, device=pages.device)).reshape(-1)
+        cold.kmin[rows], cold.kmax[rows] = kmin[ids, 0], kmax[ids, 0]
 
     def compact(self, pool, pages, kept_tokens, num_kept) -> None:
         h = pages.shape[0]

@@ -99,7 +99,8 @@ class HybridKVRuntime:
         if self.cold is None or self.cold.dtype != dtype or self.cold.device != torch.device(device):
             max_bytes = None if self.config.cold_tier_gib is None else int(self.config.cold_tier_gib * 2**30)
             self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device,
-                                 pages_on_host=self.config.cold_tier_memory == "host")
+                                 pages_on_host=self.config.cold_tier_memory == "host",
+                                 units=self.selection.sub_chunks)
             self.loads = torch.zeros((), dtype=torch.long, device=device)
         return self.cold
 
@@ -143,14 +144,15 @@ class HybridKVRuntime:
                     logger.error("HybridKV: request %s gets no cold-tier entry: %s", row.req_id, err)
         plan.finalize(len(self.tiers.tiers), cold.slot_of)
         if plan.decode is not None:
-            cold.ensure_hot_width(plan.decode.k_max)
+            sub = self.selection.sub_chunks                                        # retrieval units per chunk
+            cold.ensure_hot_width(plan.decode.k_max * sub)
             dyn_k = plan.decode.k_host[self.dynamic_tiers]                           # [Hdyn, Rr]
-            self.accounting.chunks_scored += int(((dyn_k > 0) * plan.decode.chunks_host).sum())
+            self.accounting.chunks_scored += int(((dyn_k > 0) * plan.decode.chunks_host).sum()) * sub
         loads = int(self.loads)
         if loads:
             self.loads.zero_()
             self.accounting.chunk_loads += loads
-            self.accounting.swap_in_bytes += loads * cold.page_kv_bytes
+            self.accounting.swap_in_bytes += loads * cold.page_kv_bytes // cold.units     # loads count units
         self.accounting.observe(self.batch, plan.rows, cold.nbytes)
 
     def layer_step(self, plan: StepPlan, heads: LayerHeads) -> LayerStep:
@@ -240,7 +242,8 @@ def _check_cold_tier(config: HybridKVConfig, vllm_config, dynamic_heads: int, he
     max_num_seqs = vllm_config.scheduler_config.max_num_seqs
     max_model_len = vllm_config.model_config.max_model_len
     bs = vllm_config.cache_config.block_size
-    bound_gib = max_num_seqs * (max_model_len // bs) * dynamic_heads * page_bytes(bs, head_dim, dtype) / 2**30
+    units = config.selection_config(bs).sub_chunks
+    bound_gib = max_num_seqs * (max_model_len // bs) * dynamic_heads * page_bytes(bs, head_dim, dtype, units) / 2**30
     logger.info("HybridKV: the cold tier holds the prompts of %d dynamic heads outside the KV-cache pool: at most "
                 "%.2f GiB of host memory (max_num_seqs %d x max_model_len %d)", dynamic_heads, bound_gib,
                 max_num_seqs, max_model_len)
@@ -273,6 +276,10 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     if world > 1:
         profile = profile.slice_for_tp(rank, world)
     block_size = vllm_config.cache_config.block_size
+    try:
+        config.selection_config(block_size)
+    except ConfigError as exc:
+        raise ConfigError(f"hybridkv: {exc} (--block-size {block_size})") from exc
     budget_plan = allocate(profile, config.budget_config(block_size))
     tiers = plan_tiers(budget_plan, max_groups=config.max_groups)
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
@@ -288,7 +295,8 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     metrics.set_profile_info(profile.model.architecture, profile.schema_version, config.budget,
                              profile.model.fingerprint)
     max_bytes = None if config.cold_tier_gib is None else int(config.cold_tier_gib * 2**30)
-    admission = Admission(budgets, page_bytes(block_size, profile.model.head_dim, dtype), max_bytes)
+    admission = Admission(budgets, page_bytes(block_size, profile.model.head_dim, dtype,
+                                              config.selection_config(block_size).sub_chunks), max_bytes)
     return HybridKVRuntime(config=config, profile=profile, budget_plan=budget_plan, tiers=tiers,
                            selection=config.selection_config(block_size), block_size=block_size,
                            accounting=accounting, budgets=budgets, admission=admission, kv_ops_kind=kv_ops,

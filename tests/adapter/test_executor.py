@@ -39,15 +39,15 @@ class Layer:
     _v_scale_float = 1.0
 
 
-def make_ops(kind: str):
+def make_ops(kind: str, sel: SelectionConfig = SEL):
     if kind == "triton":
         pytest.importorskip("triton")
-        return TritonKVOps(BS, D, torch.float32, SEL)
+        return TritonKVOps(BS, D, torch.float32, sel)
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     from hybridkv_vllm.adapter import cpu_layout
     isa = _get_attn_isa(torch.float32, BS, D, "auto")
-    return CpuKVOps(BS, D, torch.float32, SEL, isa=isa, kv_cache_dtype="auto",
+    return CpuKVOps(BS, D, torch.float32, sel, isa=isa, kv_cache_dtype="auto",
                     key_perm=cpu_layout.key_layout(isa, torch.float32, BS, D))
 
 
@@ -62,7 +62,8 @@ def build(ops, num_rows: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     heads = heads_of_layer()
     pool = torch.randn(H * NB, 2 * BS, D, generator=g)           # garbage everywhere until written
-    cold = ColdTier(BS, D, torch.float32, len(DYNAMIC))
+    sub = ops.selection.sub_chunks
+    cold = ColdTier(BS, D, torch.float32, len(DYNAMIC), units=sub)
     prompt_lens = [int(torch.randint(260, 420, (1,), generator=g)) for _ in range(num_rows)]
     seq_lens = [p + int(torch.randint(1, 40, (1,), generator=g)) for p in prompt_lens]
     width = max(-(-s // BS) for s in seq_lens)
@@ -93,8 +94,9 @@ def build(ops, num_rows: int, seed: int):
             pages = cold.table[slot, i, :c]
             kh, vh = k_all[r][:c * BS, h], v_all[r][:c * BS, h]
             ops.write_pages(cold.pages, pages, kh.view(c, BS, D), vh.view(c, BS, D))
-            kmin, kmax = chunk_summaries(kh[None], BS)
-            cold.kmin[pages], cold.kmax[pages] = kmin[0], kmax[0]
+            kmin, kmax = chunk_summaries(kh[None], BS // sub)                  # one per retrieval unit
+            rows_ = (pages[:, None] * sub + torch.arange(sub)).reshape(-1)
+            cold.kmin[rows_], cold.kmax[rows_] = kmin[0], kmax[0]
     qsl = list(range(num_rows + 1))
     rows = plan_rows([f"r{r}" for r in range(num_rows)], prompt_lens, qsl, seq_lens, BS, 2, 256)
     plan = StepPlan(rows, num_rows, torch.tensor(qsl, dtype=torch.int32), BS)
@@ -107,8 +109,10 @@ def build(ops, num_rows: int, seed: int):
     return plan, heads, pool, cold, k_all, v_all, kept_positions, new_kv
 
 
-def expected(q, plan, k_all, v_all, kept_positions):
+def expected(q, plan, k_all, v_all, kept_positions, sel: SelectionConfig = SEL):
     out = []
+    units, sub = sel.retrieval_units(), sel.sub_chunks
+    u = units.chunk_size
     for r, row in enumerate(plan.rows):
         c, s = row.prompt_len // BS, row.seq_len
         positions = []
@@ -116,10 +120,10 @@ def expected(q, plan, k_all, v_all, kept_positions):
             if h in STATIC:
                 prompt = kept_positions[r, h]
             else:
-                kmin, kmax = chunk_summaries(k_all[r][:c * BS, h][None], BS)
+                kmin, kmax = chunk_summaries(k_all[r][:c * BS, h][None], u)
                 scores = score_chunks(q[r, h * G:(h + 1) * G], kmin, kmax)
-                chunks = select_chunks(scores, c, KEPT[h], SEL)[0]
-                prompt = (chunks[:, None] * BS + torch.arange(BS)).flatten()
+                chunks = select_chunks(scores, c * sub, KEPT[h] * sub, units)[0]
+                prompt = (chunks[:, None] * u + torch.arange(u)).flatten()
             positions.append(torch.cat([prompt, torch.arange(c * BS, s)]))
         out.append(sparse_decode_attention(q[r], k_all[r], v_all[r], positions, SCALE))
     return torch.stack(out)
@@ -127,17 +131,20 @@ def expected(q, plan, k_all, v_all, kept_positions):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", ["cpu", "triton"])
-def test_decode_step_equals_the_core_reference(kind):
-    ops = make_ops(kind)
+@pytest.mark.parametrize("sub", [1, 2, 4])
+def test_decode_step_equals_the_core_reference(kind, sub):
+    """``sub``: retrieval units per block (finer units are copied piecewise into the hot blocks)."""
+    sel = SelectionConfig(chunk_size=BS, sub_chunks=sub)
+    ops = make_ops(kind, sel)
     plan, heads, pool, cold, k_all, v_all, kept_positions, new_kv = build(ops, 3, seed=1)
     loads = torch.zeros((), dtype=torch.long)
     g = torch.Generator().manual_seed(7)
     for step in range(2):                          # the second step starts from the first one's hot buffers
         q = torch.randn(3, H * G, D, generator=g)
         out = torch.zeros_like(q)
-        run_layer(ops, plan, heads, plan_layers(plan, [heads], cold, SEL)[0], pool, cold, q, new_kv, out, SCALE, Layer,
+        run_layer(ops, plan, heads, plan_layers(plan, [heads], cold, sel)[0], pool, cold, q, new_kv, out, SCALE, Layer,
                   loads)
-        torch.testing.assert_close(out, expected(q, plan, k_all, v_all, kept_positions), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out, expected(q, plan, k_all, v_all, kept_positions, sel), atol=2e-5, rtol=1e-4)
     assert int(loads) > 0                          # chunks were swapped in from the cold tier
 
 
@@ -216,17 +223,19 @@ def test_triton_layer_step_never_reads_the_host_and_issues_the_same_ops_for_one_
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", ["cpu", "triton"])
-def test_summaries_equal_the_core(kind):
-    ops = make_ops(kind)
-    cold = ColdTier(BS, D, torch.float32, 1)
+@pytest.mark.parametrize("sub", [1, 4])
+def test_summaries_equal_the_core(kind, sub):
+    ops = make_ops(kind, SelectionConfig(chunk_size=BS, sub_chunks=sub))
+    cold = ColdTier(BS, D, torch.float32, 1, units=sub)
     slot = cold.admit("r", 5, torch.tensor([2]))
     pages = cold.table[slot, 0, :5]
     k = torch.randn(5 * BS, D)
     ops.write_pages(cold.pages, pages, k.view(5, BS, D), torch.randn(5, BS, D))
     ops.summaries(cold, pages, cold.pages[pages])
-    kmin, kmax = chunk_summaries(k[None], BS)
-    torch.testing.assert_close(cold.kmin[pages], kmin[0])
-    torch.testing.assert_close(cold.kmax[pages], kmax[0])
+    kmin, kmax = chunk_summaries(k[None], BS // sub)                       # one per unit, units in page order
+    rows = (pages[:, None] * sub + torch.arange(sub)).reshape(-1)
+    torch.testing.assert_close(cold.kmin[rows], kmin[0])
+    torch.testing.assert_close(cold.kmax[rows], kmax[0])
 
 
 @pytest.mark.triton

@@ -31,13 +31,14 @@ def _cases():
     ]
 
 
-def _oracle(model_dir, profile_path, cases):
+def _oracle(model_dir, profile_path, cases, sub_chunks: int = 1):
     from hybridkv_vllm.hf.generate import generate
     from hybridkv_vllm.hf.inputs import encode_chat, load_model
 
     profile = HeadProfile.load(profile_path)
     plan = allocate(profile, BudgetConfig(budget=BUDGET, block_size=BS))
-    policy = TieredPolicy(profile, plan, plan_tiers(plan), SelectionConfig(chunk_size=BS), MIN_PROMPT)
+    policy = TieredPolicy(profile, plan, plan_tiers(plan), SelectionConfig(chunk_size=BS, sub_chunks=sub_chunks),
+                          MIN_PROMPT)
     lm = load_model(model_dir)
     out = {}
     for name, text, images in cases:
@@ -49,14 +50,16 @@ def _oracle(model_dir, profile_path, cases):
     return out
 
 
-@pytest.mark.parametrize("which", ["half_static", "shipped"])
-def test_greedy_tokens_equal_core_reference(model_dir, profile_path, shipped_profile, which):
+@pytest.mark.parametrize("which, sub", [("half_static", 1), ("shipped", 1), ("shipped", 4)])
+def test_greedy_tokens_equal_core_reference(model_dir, profile_path, shipped_profile, which, sub):
     """With a profile that has static (pruned) and dynamic (retrieving) heads in about equal numbers, and with the
-    shipped profile (9 static heads of 90: nearly all retrieving from the cold tier)."""
+    shipped profile (9 static heads of 90: nearly all retrieving from the cold tier), retrieving whole 32-token
+    blocks or 8-token units (``sub_chunks`` 4)."""
     profile = profile_path if which == "half_static" else shipped_profile
     cases = _cases()
-    expected = _oracle(model_dir, profile, cases)
-    llm = make_llm(model_dir, {"profile": str(profile), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT})
+    expected = _oracle(model_dir, profile, cases, sub)
+    llm = make_llm(model_dir, {"profile": str(profile), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
+                               "sub_chunks": sub})
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     loads_before = metrics.get_metrics().chunk_loads._value.get()
     try:

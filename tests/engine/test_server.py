@@ -104,7 +104,7 @@ def test_server_refuses_a_profile_for_another_model(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_profile", "budget_out_of_range", "prefix_caching", "no_such_file",
-                                  "floor_zero"])
+                                  "floor_zero", "sub_chunks_not_dividing"])
 def test_engine_refuses_bad_configuration(case, profile_path):
     config = {"profile": str(profile_path), "budget": 0.1}
     kwargs, expect = {}, ""
@@ -114,6 +114,9 @@ def test_engine_refuses_bad_configuration(case, profile_path):
     elif case == "budget_out_of_range":
         config["budget"] = 1.5
         expect = "budget=1.5"
+    elif case == "sub_chunks_not_dividing":
+        config["sub_chunks"] = 3                 # blocks of 32 tokens
+        expect = "sub_chunks=3 must divide chunk_size=32"
     elif case == "floor_zero":
         config["floor_blocks"] = 0
         expect = "hybridkv.floor_blocks=0: expected an integer >= 1"

@@ -22,7 +22,9 @@ TINY = ROOT / "models" / "tiny-vl"
 BUDGET, BS, MIN_PROMPT, NEW_TOKENS = 0.3, 32, 64, 6
 
 
-def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path):
+@pytest.mark.parametrize("sub", [1, 4])
+def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, sub):
+    """``sub``: retrieval units per 32-token block (4: 8-token units, copied piecewise by the swap-in kernel)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("run with TRITON_INTERPRET=1 (make test sets it)")
     if not (TINY / "config.json").exists():
@@ -34,7 +36,8 @@ def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path):
     profile = HeadProfile.load(profile_path)
     assert {str(e.type) for layer in profile.layers for e in layer} == {"static", "dynamic"}
     plan = allocate(profile, BudgetConfig(budget=BUDGET, block_size=BS))
-    policy = TieredPolicy(profile, plan, plan_tiers(plan), SelectionConfig(chunk_size=BS), MIN_PROMPT)
+    policy = TieredPolicy(profile, plan, plan_tiers(plan), SelectionConfig(chunk_size=BS, sub_chunks=sub),
+                          MIN_PROMPT)
     text = HAYSTACK.read_text()[:900] + "\nWhat is this about?"
     lm = load_model(TINY)
     prompt = encode_chat(lm, text, [])
@@ -43,7 +46,8 @@ def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path):
     gc.collect()
 
     llm = make_llm(TINY, {"profile": str(profile_path), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
-                          "kv_ops": "triton"}, max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
+                          "kv_ops": "triton", "sub_chunks": sub},
+                   max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
     loads_before = metrics.get_metrics().chunk_loads._value.get()
     try:
         got = llm.chat([{"role": "user", "content": text}],
