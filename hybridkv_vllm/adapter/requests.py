@@ -13,7 +13,8 @@ reserves those bytes; it releases them when the request finishes (reservations s
 request offloads its prompt again when it resumes). A request whose reservation would pass ``cold_tier_gib`` is
 served uncompressed: its KV stays in vLLM's pool, whose own admission accounts for it, so nothing fails and no
 other request is affected. It is counted in ``hybridkv:requests_bypassed_total{reason="cold_tier_full"}`` (by the
-worker, when its prompt completes) and logged (the first time, then every 100th).
+worker, when its prompt completes) and logged once, as a warning naming the settings to change (the metric and the
+alert rules carry the rest).
 
 **One decision, two readers.** The scheduler writes its decision into the request's extra arguments
 (:data:`RESOLVED`), which reach the worker with the request's first schedule; the budget manager (kv_spec.py) reads
@@ -78,8 +79,6 @@ class RequestSetting:
 class Admission:
     """The scheduler side's per-request decisions and the cold tier's reservations (one per engine)."""
 
-    LOG_EVERY = 100
-
     def __init__(self, budgets: TierBudgets, page_bytes: int, max_bytes: int | None) -> None:
         self.budgets, self.page_bytes, self.max_bytes = budgets, page_bytes, max_bytes
         self.settings: dict[str, RequestSetting] = {}
@@ -102,12 +101,13 @@ class Admission:
             nbytes = self.budgets.cold_pages(prompt_len, budget) * self.page_bytes
             if self.max_bytes is not None and nbytes and self.reserved + nbytes > self.max_bytes:
                 setting = RequestSetting(budget, COLD_TIER_FULL)
-                if self.refused % self.LOG_EVERY == 0:
-                    logger.warning("HybridKV: the cold tier is full (%.1f of %.1f MiB reserved; this request needs "
-                                   "%.1f MiB): request %s is served uncompressed, in vLLM's pool (%d such requests "
-                                   "so far; raise hybridkv.cold_tier_gib or lower --max-num-seqs)",
-                                   self.reserved / 2**20, self.max_bytes / 2**20, nbytes / 2**20, req_id,
-                                   self.refused + 1)
+                if not self.refused:
+                    logger.warning("HybridKV: the cold tier is full (%.1f of %.1f MiB reserved; request %s needs "
+                                   "%.1f MiB): requests past hybridkv.cold_tier_gib are served uncompressed, in "
+                                   "vLLM's pool, and counted in hybridkv:requests_bypassed_total"
+                                   "{reason=\"cold_tier_full\"} (logged once; raise hybridkv.cold_tier_gib or lower "
+                                   "--max-num-seqs)", self.reserved / 2**20, self.max_bytes / 2**20, req_id,
+                                   nbytes / 2**20)
                 self.refused += 1
             else:
                 setting = RequestSetting(budget, None, nbytes)
