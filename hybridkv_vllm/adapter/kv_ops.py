@@ -112,7 +112,8 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
         # [Rr, Hdyn, C x sub] unit addresses; a head without a cold entry (its tier keeps this prompt whole: k = 0)
         # reads page 0, never selected, so that no kernel dereferences -1
         cold_pages = cold.table[dec.cold_slots].clamp(min=0)
-        cold_tables = (cold_pages[..., None] * sub + torch.arange(sub, device=dev)).flatten(2)
+        cold_tables = cold_pages if sub == 1 else \
+            (cold_pages[..., None] * sub + torch.arange(sub, device=dev)).flatten(2)
         # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
         # sinks (lower index first) above recent units (newest first) above scores; units past C last.
         c = torch.arange(cold_tables.shape[2], device=dev)
@@ -128,9 +129,12 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
                 lo, hi = heads.cold_start, heads.cold_start + heads.dynamic.numel()
                 step = steps[i]
                 step.cold_table = cold_tables[:, lo:hi]
-                step.k = dec.k[heads.tiers[heads.dynamic]].transpose(0, 1) * sub
+                step.k = dec.k[heads.tiers[heads.dynamic]].transpose(0, 1)
                 hot_pages = pages[i][heads.dynamic][:, dec.rows, :dec.k_max].transpose(0, 1)     # [Rr, Hd, k_max]
-                step.hot = hot_pages.repeat_interleave(sub, dim=2) * sub + j % sub                 # unit addresses
+                step.hot = hot_pages                              # one unit per page: unit addresses are pages
+                if sub > 1:                                       # (eager ops cost microseconds each: only if needed)
+                    step.k = step.k * sub
+                    step.hot = hot_pages.repeat_interleave(sub, dim=2) * sub + j % sub
                 step.units, step.k_max = sub, width
                 step.live = j < step.k[..., None]
                 step.hot_or_first = torch.where(step.live, step.hot, step.hot[..., :1])
@@ -182,6 +186,10 @@ class KVOps:
         """``(k, v)``, each ``[n, bs, D]`` in token order, of ``pages [n]``."""
         raise NotImplementedError
 
+    def tile_keys(self, tiles: torch.Tensor) -> torch.Tensor:
+        """The keys ``[n, bs, D]``, in token order, of page contents ``tiles [n, 2 * bs, D]``."""
+        raise NotImplementedError
+
     def write_pages(self, pool, pages, k, v) -> None:
         raise NotImplementedError
 
@@ -231,7 +239,7 @@ class KVOps:
         """Quest summaries (fp32 channel-wise min / max) of every retrieval unit of the full cold ``pages [n]``,
         whose content is ``tiles [n, 2 * bs, D]`` (read from the pool, where the cold tier's summaries live)."""
         n, s = tiles.shape[0], cold.units
-        keys = self.read_pages(tiles, torch.arange(n, device=tiles.device))[0].float()      # [n, bs, D]
+        keys = self.tile_keys(tiles).float()                                                # [n, bs, D]
         keys = keys.view(n, s, -1, keys.shape[-1])
         rows = (pages[:, None] * s + torch.arange(s, device=pages.device)).reshape(-1)
         cold.kmin[rows] = keys.amin(dim=2).reshape(n * s, -1)
@@ -358,11 +366,12 @@ class CpuKVOps(KVOps):
         output.view(n, h, g, d).copy_(out.view(h, n, g, d).transpose(0, 1))
 
     def read_pages(self, pool, pages):
-        bs, d = self.block_size, self.head_size
-        n = pages.numel()
         tiles = pool[pages.reshape(-1).long()]                                     # [n, 2 bs, D]
-        k = tiles[:, :bs].reshape(n, bs * d)[:, self.key_perm].reshape(n, bs, d)
-        return k, tiles[:, bs:]
+        return self.tile_keys(tiles), tiles[:, self.block_size:]
+
+    def tile_keys(self, tiles):
+        bs, d, n = self.block_size, self.head_size, tiles.shape[0]
+        return tiles[:, :bs].reshape(n, bs * d)[:, self.key_perm].reshape(n, bs, d)
 
     def write_pages(self, pool, pages, k, v) -> None:
         bs, d = self.block_size, self.head_size
@@ -417,6 +426,9 @@ class TritonKVOps(KVOps):
         bs = self.block_size
         tiles = pool[pages.reshape(-1).long()]
         return tiles[:, :bs], tiles[:, bs:]
+
+    def tile_keys(self, tiles):
+        return tiles[:, :self.block_size]
 
     def fill_hot(self, pool, cold, step: LayerStep, chosen, cold_slots, cold_start: int, loads) -> None:
         """Reassign the hot slots (``core.hot_buffer.assign_slots``: resident chunks stay) and copy only the

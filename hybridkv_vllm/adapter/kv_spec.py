@@ -19,6 +19,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from hybridkv_vllm.adapter import runtime
 from hybridkv_vllm.core.tiers import kept_blocks
 
 
@@ -55,7 +56,6 @@ class HybridKVBudgetManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return
-        from hybridkv_vllm.adapter import runtime
         state = runtime._runtime
         if state is None:            # no runtime in this process: no request can have been given its own setting
             kept = self.kv_cache_spec.kept_blocks(num_prompt_tokens)

@@ -72,8 +72,13 @@ class RequestSetting:
     @classmethod
     def of(cls, extra_args: dict[str, Any] | None) -> RequestSetting:
         """The scheduler's decision as the worker receives it (the server's defaults when there is none)."""
-        resolved = (extra_args or {}).get(RESOLVED) or {}
+        resolved = extra_args.get(RESOLVED) if extra_args else None
+        if not resolved or (resolved.get("budget") is None and resolved.get("bypass") is None):
+            return DEFAULT
         return cls(budget=resolved.get("budget"), bypass=resolved.get("bypass"))
+
+
+DEFAULT = RequestSetting()
 
 
 class Admission:
@@ -122,7 +127,7 @@ class Admission:
 
     def kept_blocks(self, req_id: str, tier: int, prompt_len: int) -> int | None:
         """Blocks tier ``tier`` keeps of this request's prompt (None: it keeps every block)."""
-        setting = self.settings.get(req_id, RequestSetting())
+        setting = self.settings.get(req_id, DEFAULT)
         if setting.bypass is not None:
             return None
         return self.budgets.kept(prompt_len, setting.budget)[tier]

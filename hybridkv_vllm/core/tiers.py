@@ -139,6 +139,9 @@ class TierBudgets:
     def __init__(self, heads, cfg: BudgetConfig, tiers: TierPlan, min_prompt_tokens: int) -> None:
         self.heads, self.cfg, self.tiers, self.min_prompt_tokens = heads, cfg, tiers, min_prompt_tokens
         self._fractions: dict[float, tuple[float, ...]] = {}
+        # (prompt length, budget) -> kept blocks per tier: asked per request, tier and step by the scheduler's
+        # budget manager, the worker and the accounting, with few distinct keys at a time (bounded: cleared when full)
+        self._kept: dict[tuple[int, float | None], tuple[int | None, ...]] = {}
         self._dynamic = [sum(1 for l, h in t.heads if tiers.modes[l][h] == RETRIEVE) for t in tiers.tiers]
 
     def fractions(self, budget: float | None = None) -> tuple[float, ...]:
@@ -156,9 +159,16 @@ class TierBudgets:
 
     def kept(self, prompt_len: int, budget: float | None = None) -> tuple[int | None, ...]:
         """Per tier: blocks kept of a prompt of ``prompt_len`` tokens (None: that tier keeps every block)."""
-        cfg = self.cfg
-        return tuple(kept_blocks(prompt_len, f, cfg.block_size, cfg.floor_blocks, self.min_prompt_tokens)
-                     for f in self.fractions(budget))
+        key = (prompt_len, budget)
+        out = self._kept.get(key)
+        if out is None:
+            cfg = self.cfg
+            out = tuple(kept_blocks(prompt_len, f, cfg.block_size, cfg.floor_blocks, self.min_prompt_tokens)
+                        for f in self.fractions(budget))
+            if len(self._kept) >= 4 * self.CACHE:
+                self._kept.clear()
+            self._kept[key] = out
+        return out
 
     def compressed(self, prompt_len: int) -> bool:
         return is_compressed(prompt_len, self.cfg.block_size, self.cfg.floor_blocks, self.min_prompt_tokens)
