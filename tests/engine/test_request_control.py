@@ -129,3 +129,35 @@ def test_cold_tier_bound_serves_the_overflow_uncompressed(model_dir, profile_pat
     assert any(seen_compressed)
     engine.step()                    # the worker hears of finished requests in the next step (as for its own state)
     assert state.admission.reserved == 0 and not state.admission.settings and state.cold.nbytes == 0
+
+
+def test_own_budgets_survive_preemption(model_dir, profile_path, llm_factory):
+    """A request with its own budget, preempted and recomputed, comes back with the same decision: the blocks it
+    holds after resuming follow its budget (an opted-out one stays uncompressed), and everything is released.
+    (Its tokens may differ from an uninterrupted run: recompute prefills the generated tokens densely, so their
+    keys and values are not the ones compressed decoding produced; that is vLLM's recompute, with any policy.)"""
+    budgets = {"a": 0.6, "b": "off", "c": None}
+    llm = llm_factory(model_dir, {"profile": str(profile_path), "budget": BUDGET}, num_gpu_blocks_override=470,
+                      max_num_seqs=3, max_model_len=992)
+    tok, engine, scheduler = llm.get_tokenizer(), llm.llm_engine, scheduler_of(llm)
+    for i, (rid, budget) in enumerate(budgets.items()):
+        engine.add_request(rid, _prompt(tok, 560 + 30 * i, 20 + i), _params(budget, max_tokens=200))
+    seen, preempted, resumed_checks = {}, set(), []
+
+    def watch(step):
+        for internal_id, request in scheduler.requests.items():
+            rid = internal_id.rsplit("-", 1)[0]
+            if request.num_preemptions:
+                preempted.add(rid)
+                if request.num_computed_tokens > request.num_prompt_tokens:
+                    resumed_checks.append(rid)
+        _check_held(llm, profile_path, scheduler.requests, {k: v if v is not None else BUDGET
+                                                            for k, v in budgets.items()}, seen)
+
+    outputs = run_to_completion(llm, on_step=watch)
+    assert set(outputs) == set(budgets) and all(len(o.outputs[0].token_ids) == 200 for o in outputs.values())
+    assert preempted & {"a", "b"}, "no request with its own setting was preempted; shrink the pool"
+    assert set(resumed_checks) & {"a", "b"}                  # blocks checked after resuming, too
+    engine.step()
+    state = runtime.get_runtime(engine.vllm_config)
+    assert not state.admission.settings and state.admission.reserved == 0 and not state.cold.entries
