@@ -324,4 +324,6 @@ def get_runtime(vllm_config=None) -> HybridKVRuntime:
     key = _key(vllm_config)
     if _runtime is None or key != _runtime_key:
         _runtime, _runtime_key = build_runtime(vllm_config), key
+    else:       # another engine with the same settings: its flags are checked again (they are not in the key)
+        _check_flags(vllm_config, _runtime.kv_ops_kind)
     return _runtime

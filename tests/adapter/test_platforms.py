@@ -76,3 +76,18 @@ def test_backend_selection_serves_decoder_layers_and_defers_the_rest():
     assert Platform.get_attn_backend_cls(hybrid, SimpleNamespace(use_mla=True, attn_type=AttentionType.DECODER)) \
         == "platform's choice" and calls[-1] == "fallback"
     assert Platform.get_attn_backend_cls(other, decoder) == "platform's choice" and calls[-1] is other
+
+
+def test_a_cached_runtime_does_not_skip_the_flag_checks(platform, monkeypatch):
+    """A second engine with the same HybridKV settings reuses the process's runtime; its own flags (here prefix
+    caching) are still refused at start-up."""
+    platform("cpu")
+    config = _vllm_config()
+    config.model_config = SimpleNamespace(model="m")
+    config.cache_config.block_size, config.additional_config = 32, {"hybridkv": {"profile": "p"}}
+    monkeypatch.setattr(runtime, "_runtime", SimpleNamespace(kv_ops_kind="cpu"))
+    monkeypatch.setattr(runtime, "_runtime_key", runtime._key(config))
+    assert runtime.get_runtime(config) is runtime._runtime
+    config.cache_config.enable_prefix_caching = True
+    with pytest.raises(ConfigError, match="--no-enable-prefix-caching"):
+        runtime.get_runtime(config)
