@@ -63,13 +63,13 @@ def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 
     raise RuntimeError("vllm serve did not become healthy in time; last log lines:\n" + tail(log))
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server's whole process group (SIGTERM, then SIGKILL after a minute)."""
-    if proc.poll() is not None:
+def stop(proc: subprocess.Popen | None, grace: float = 60) -> None:
+    """Stop a process group started with ``start_new_session`` (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+    if proc is None or proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -60,20 +59,13 @@ ALLOW_NO_DATA: dict[tuple[str, str], str] = {}
 # processes
 # ---------------------------------------------------------------------------------------------------------------
 def _stop(proc: subprocess.Popen | None, grace: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
+    from hybridkv_vllm.serving import stop
+    stop(proc, grace)
 
 
 def _tail(path: Path, n: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+    from hybridkv_vllm.serving import tail
+    return tail(path, n)
 
 
 class Prom:
