@@ -48,19 +48,25 @@ def tail(log: Path, n: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-n:]) if log.exists() else ""
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 600) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float, what: str = "vllm serve",
+               poll_s: float = 1.0) -> None:
+    """Until ``url`` answers 200; fails with the log's tail if ``proc`` exits or time runs out."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}; last log lines:\n" + tail(log))
+            raise RuntimeError(f"{what} exited with {proc.returncode}; last log lines:\n" + tail(log))
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(1)
-    raise RuntimeError("vllm serve did not become healthy in time; last log lines:\n" + tail(log))
+        time.sleep(poll_s)
+    raise RuntimeError(f"{what} was not ready in time; last log lines:\n" + tail(log))
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 600) -> None:
+    wait_ready(proc, f"http://127.0.0.1:{port}/health", log, timeout)
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 60) -> None:

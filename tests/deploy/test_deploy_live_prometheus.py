@@ -166,7 +166,8 @@ def _stream(client, sample_at: int | None = None, port: int | None = None, stop:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from hybridkv_vllm.serving import (DEFAULT_MODEL, DEFAULT_PROFILE, free_port, serve_command, wait_healthy)
+    from hybridkv_vllm.serving import (DEFAULT_MODEL, DEFAULT_PROFILE, free_port, serve_command, wait_healthy,
+                                       wait_ready)
     from hybridkv_vllm.serving import metrics as read_metrics
 
     if not (DEFAULT_MODEL / "config.json").exists():
@@ -194,17 +195,7 @@ def live(tmp_path_factory):
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         api = Prom(f"http://127.0.0.1:{prom_port}")
         ctx["api"] = api
-        deadline = time.time() + PROM_START_S
-        while True:
-            assert prom.poll() is None, "prometheus exited:\n" + _tail(prom_log)
-            try:
-                with urllib.request.urlopen(f"{api.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "prometheus not ready:\n" + _tail(prom_log)
-            time.sleep(0.5)
+        wait_ready(prom, f"{api.url}/-/ready", prom_log, PROM_START_S, what="prometheus", poll_s=0.5)
 
         with open(server_log, "w") as out:
             server = subprocess.Popen(serve_command(DEFAULT_MODEL, DEFAULT_PROFILE, BUDGET, port, MODEL_NAME),
