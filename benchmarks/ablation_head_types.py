@@ -16,11 +16,8 @@ from pathlib import Path
 import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
-from hybridkv_vllm.eval.harness import EvalConfig
-from hybridkv_vllm.eval.metrics import passkey_found
-from hybridkv_vllm.eval.prompts import niah_prompts
-from hybridkv_vllm.hf.generate import Session
-from hybridkv_vllm.hf.inputs import encode_chat, load_model
+from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
+from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,29 +46,17 @@ def main() -> int:
     started = time.perf_counter()
     lm = load_model(args.model)
     profile = HeadProfile.load(args.profile)
-    cfg = EvalConfig()
-    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
     budgets = [float(b) for b in args.budgets.split(",")]
-    hits: dict[tuple[str, float], int] = {}
-    full_hits = 0
-    full = make_policy("full", profile, BudgetConfig(1.0))
-    for p in prompts:
-        session = Session(lm, encode_chat(lm, p.text), full)
-        decode = lambda policy: lm.tokenizer.decode(session.greedy(policy, cfg.niah_new_tokens).tokens,  # noqa
-                                                    skip_special_tokens=True)
-        full_hits += passkey_found(decode(full), p.passkey)
-        for budget in budgets:
-            for name, policy in variants(profile, budget).items():
-                hits[name, budget] = hits.get((name, budget), 0) + passkey_found(decode(policy), p.passkey)
+    policies = {(name, budget): policy for budget in budgets for name, policy in variants(profile, budget).items()}
+    hits, full_hits, n_prompts = niah_hits(lm, make_policy("full", profile, BudgetConfig(1.0)), policies, EvalConfig())
     names = list(variants(profile, budgets[0]))
-    lines = [f"# Head-type ablation: NIAH passkey hits of {len(prompts)} prompts (`{args.model.name}`)", "",
+    lines = [f"# Head-type ablation: NIAH passkey hits of {n_prompts} prompts (`{args.model.name}`)", "",
              f"`{' '.join(['benchmarks/ablation_head_types.py', '--budgets', args.budgets])}`; "
              f"{time.perf_counter() - started:.0f} s wall, 1 thread", "",
              "| variant | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
-    lines += [f"| {n} | " + " | ".join(f"{hits[n, b]}/{len(prompts)}" for b in budgets) + " |" for n in names]
-    lines.append("| full cache | " + " | ".join(f"{full_hits}/{len(prompts)}" for _ in budgets) + " |")
+    lines += [f"| {n} | " + " | ".join(f"{hits[n, b]}/{n_prompts}" for b in budgets) + " |" for n in names]
+    lines.append("| full cache | " + " | ".join(f"{full_hits}/{n_prompts}" for _ in budgets) + " |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

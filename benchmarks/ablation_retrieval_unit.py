@@ -19,11 +19,8 @@ import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
 from hybridkv_vllm.core.selection import SelectionConfig
-from hybridkv_vllm.eval.harness import EvalConfig
-from hybridkv_vllm.eval.metrics import passkey_found
-from hybridkv_vllm.eval.prompts import niah_prompts
-from hybridkv_vllm.hf.generate import Session
-from hybridkv_vllm.hf.inputs import encode_chat, load_model
+from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
+from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -42,30 +39,17 @@ def main() -> int:
     lm = load_model(args.model)
     profile = HeadProfile.load(args.profile)
     all_dynamic = HeadProfile.from_scores(profile.model, profile.scores, theta=1.0)
-    cfg = EvalConfig()
-    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
     budgets = [float(b) for b in args.budgets.split(",")]
     subs = [int(s) for s in args.subs.split(",")]
     n_static = int(profile.is_static.sum())
     profiles = {f"shipped profile ({n_static} static)": profile, "all heads dynamic": all_dynamic}
-    hits: dict[tuple[str, int, float], int] = {}
+    policies = {(name, sub, budget): make_policy("hybridkv", prof, BudgetConfig(budget, block_size=BLOCK),
+                                                 SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
+                for name, prof in profiles.items() for sub in subs for budget in budgets}
     full = make_policy("full", profile, BudgetConfig(1.0, block_size=BLOCK))
-    full_hits = 0
-    for p in prompts:
-        session = Session(lm, encode_chat(lm, p.text), full)
-        decode = lambda policy: lm.tokenizer.decode(session.greedy(policy, cfg.niah_new_tokens).tokens,  # noqa
-                                                    skip_special_tokens=True)
-        full_hits += passkey_found(decode(full), p.passkey)
-        for name, prof in profiles.items():
-            for sub in subs:
-                for budget in budgets:
-                    policy = make_policy("hybridkv", prof, BudgetConfig(budget, block_size=BLOCK),
-                                         SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
-                    key = (name, sub, budget)
-                    hits[key] = hits.get(key, 0) + passkey_found(decode(policy), p.passkey)
+    hits, full_hits, n_prompts = niah_hits(lm, full, policies, EvalConfig())
     d = profile.model.head_dim
-    lines = [f"# Retrieval unit ablation: NIAH passkey hits of {len(prompts)} prompts (`{args.model.name}`)", "",
+    lines = [f"# Retrieval unit ablation: NIAH passkey hits of {n_prompts} prompts (`{args.model.name}`)", "",
              f"`benchmarks/ablation_retrieval_unit.py --budgets {args.budgets} --subs {args.subs}`; "
              f"{time.perf_counter() - started:.0f} s wall, 1 thread; blocks of {BLOCK} tokens, budgets in whole "
              "blocks; the sink block and the prompt's last complete block are always retrieved whole.", "",
@@ -77,8 +61,8 @@ def main() -> int:
             unit = BLOCK // sub
             extra = 2 * d * 4 / unit                                 # fp32 min + max per unit, per token
             lines.append(f"| {name} | {unit} tokens | {extra:.0f} B = {extra / (4 * d):.0%} of K+V | "
-                         + " | ".join(f"{hits[name, sub, b]}/{len(prompts)}" for b in budgets) + " |")
-    lines.append("| full cache | - | - | " + " | ".join(f"{full_hits}/{len(prompts)}" for _ in budgets) + " |")
+                         + " | ".join(f"{hits[name, sub, b]}/{n_prompts}" for b in budgets) + " |")
+    lines.append("| full cache | - | - | " + " | ".join(f"{full_hits}/{n_prompts}" for _ in budgets) + " |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

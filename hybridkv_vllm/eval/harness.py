@@ -39,7 +39,7 @@ from hybridkv_vllm.hf.generate import Session
 from hybridkv_vllm.hf.inputs import LoadedModel, encode_chat, load_model
 from hybridkv_vllm.profiler.images import load_image
 
-__all__ = ["EvalConfig", "evaluate", "run_from_args"]
+__all__ = ["EvalConfig", "evaluate", "niah_hits", "run_from_args"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,22 @@ def _policies(profile: HeadProfile, cfg: EvalConfig):
     runs = [(m, b, make_policy(m, profile, BudgetConfig(b), selection)) for b in cfg.budgets for m in cfg.methods
             if m != "full"]
     return full, runs
+
+
+def niah_hits(lm: LoadedModel, full, policies: dict, cfg: EvalConfig) -> tuple[dict, int, int]:
+    """Passkey hits of the NIAH prompts for each of ``policies`` (any keys), with the same prompts, greedy decoding
+    and check as :func:`evaluate` (for ablations): ``(hits per key, the full cache's hits, number of prompts)``."""
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
+    hits, full_hits = dict.fromkeys(policies, 0), 0
+    for p in prompts:
+        session = Session(lm, encode_chat(lm, p.text), full)
+        decode = lambda policy: lm.tokenizer.decode(session.greedy(policy, cfg.niah_new_tokens).tokens,  # noqa
+                                                    skip_special_tokens=True)
+        full_hits += passkey_found(decode(full), p.passkey)
+        for key, policy in policies.items():
+            hits[key] += passkey_found(decode(policy), p.passkey)
+    return hits, full_hits, len(prompts)
 
 
 def _kept_fraction(session: Session, policy) -> float:
