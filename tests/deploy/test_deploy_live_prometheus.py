@@ -112,10 +112,10 @@ def _prometheus_config(tmp: Path, target_port: int) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # requests
 # ---------------------------------------------------------------------------------------------------------------
-def _client(port: int):
+def _client(port: int, retries: int = 0):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=REQUEST_S, max_retries=0)
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=REQUEST_S, max_retries=retries)
 
 
 def _image_messages():
@@ -212,16 +212,21 @@ def live(tmp_path_factory):
         ctx["t_requests"] = time.time()
 
         client = _client(port)
-        # 1+2: two image chats at once, the first streamed with a /metrics sample while it decodes.
+        # 1+2: two image chats at once, the first streamed with a /metrics sample while it decodes. Two requests
+        # with the same new image race in vLLM's multi-modal cache: the frontend may send the second one without
+        # the image before the engine holds it, and vLLM answers that request with a retryable HTTP 500 ("P0/P1
+        # cache drift", MultiModalCacheMissError), to be resent with the data. Stock `vllm serve` does the same
+        # (1 of 12 rounds of this pair, measured on this machine), so these two requests retry as vLLM intends.
+        image_client = _client(port, retries=2)
         results: dict = {}
 
         def image_stream():
-            results["image_stream"] = _stream(client, sample_at=4, port=port, messages=_image_messages(),
+            results["image_stream"] = _stream(image_client, sample_at=4, port=port, messages=_image_messages(),
                                               max_tokens=32)
 
         th = threading.Thread(target=image_stream)
         th.start()
-        chat = client.chat.completions.create(model=MODEL_NAME, messages=_image_messages(), max_tokens=24,
+        chat = image_client.chat.completions.create(model=MODEL_NAME, messages=_image_messages(), max_tokens=24,
                                               temperature=0)
         th.join(REQUEST_S)
         assert not th.is_alive(), "streamed image request did not finish"
@@ -321,10 +326,16 @@ def test_plugin_metrics_moved(live):
     long_prompt = live["long"]["usage"].prompt_tokens if live["long"]["usage"] else None
     assert long_prompt is None or long_prompt > 1000, long_prompt
 
-    def one(expr: str) -> float:
-        vals = api.values(expr, at)
+    def one(expr: str, when: float = at) -> float:
+        vals = api.values(expr, when)
         assert len(vals) == 1, f"{expr}: {vals}"
         return vals[0]
+
+    def run_max(expr: str) -> float:
+        # The maximum over the whole run, evaluated at its end: a subquery evaluated at T itself steps on whole
+        # seconds and can miss the one scrape between the last whole second and T.
+        window = math.ceil(live["t_end"] - live["t_requests"]) + 5
+        return one(f"max_over_time(({expr})[{window}s:1s])", live["t_end"])
 
     # Counters, from Prometheus at T: the two image prompts and the long prompt compressed, the short one bypassed.
     assert one(f"sum(hybridkv:requests_compressed_total{sel})") >= 3
@@ -341,8 +352,7 @@ def test_plugin_metrics_moved(live):
     held = one(f"sum(hybridkv:kv_blocks_held{sel})")
     full = one(f"sum(hybridkv:kv_blocks_uncompressed{sel})")
     assert 0 < held < full, (held, full)
-    assert one(f"max_over_time((sum(hybridkv:kv_blocks_uncompressed{sel}) - sum(hybridkv:kv_blocks_held{sel}))"
-               f"[5m:1s])") > 0
+    assert run_max(f"sum(hybridkv:kv_blocks_uncompressed{sel}) - sum(hybridkv:kv_blocks_held{sel})") > 0
     assert one(f"sum(hybridkv:kv_block_bytes{sel})") > 0
     # And straight from the server's /metrics while the streamed image request decoded.
     s = live["decode_sample"]
@@ -352,9 +362,9 @@ def test_plugin_metrics_moved(live):
     assert one(f"sum(hybridkv:retrieval_chunk_loads_total{sel})") > 0
     assert one(f"sum(hybridkv:retrieval_swap_in_bytes_total{sel})") > 0
     # The dynamic heads' prompts sat in the cold tier while requests ran.
-    assert one(f"max_over_time(sum(hybridkv:cold_tier_bytes{sel})[5m:1s])") > 0
+    assert run_max(f"sum(hybridkv:cold_tier_bytes{sel})") > 0
     # vLLM's own view agrees: requests ran, KV usage was non-zero.
-    assert one(f"max_over_time(sum(vllm:kv_cache_usage_perc{sel})[5m:1s])") > 0
+    assert run_max(f"sum(vllm:kv_cache_usage_perc{sel})") > 0
     assert one(f"sum(vllm:request_success_total{sel})") >= 3
     # Idle at the end (the long request was stopped): vLLM's own gauges say so.
     assert live["after"]["vllm:num_requests_running"] == 0, live["after"]
