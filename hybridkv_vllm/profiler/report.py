@@ -38,7 +38,8 @@ def markdown_report(profile: HeadProfile, seconds: float | None = None, histogra
            f"{profile.model.num_kv_heads} KV heads ({profile.model.num_q_heads} query heads), "
            f"`{profile.model.fingerprint[:19]}...`",
            f"- calibration: {prov.get('calibration', '?')}; statistic `{profile.classification.statistic}` on "
-           f"`{profile.classification.query_set}` queries, `{profile.classification.aggregation}`",
+           f"`{profile.classification.query_set}` queries, `{profile.classification.aggregation}`; scored at "
+           f"context lengths {list(profile.classification.reference_tokens)}",
            f"- theta = {profile.classification.theta}: **{n_s} static / {n - n_s} dynamic** of {n} KV heads"]
     if seconds is not None:
         out.append(f"- profiling time: {seconds:.1f} s")

@@ -72,13 +72,42 @@ def test_bad_head_type_is_schema_error(tmp_path, profile):
         HeadProfile.load(_write(tmp_path, doc))
 
 
-@pytest.mark.parametrize("version", [2, 7])
+@pytest.mark.parametrize("version", [3, 7])
 def test_unknown_schema_version(tmp_path, profile, version):
     doc = profile.to_dict()
     doc["schema_version"] = version
     with pytest.raises(ProfileError) as err:
         HeadProfile.load(_write(tmp_path, doc))
-    assert f"unsupported head-profile schema_version {version} (this build reads 1)" in str(err.value)
+    assert f"unsupported head-profile schema_version {version} (this build reads 2)" in str(err.value)
+
+
+def test_version_1_profile_is_refused_with_its_reason(tmp_path, profile):
+    """A v1 profile (scores at the calibration prompts' own lengths) is refused, saying why and what to do."""
+    doc = profile.to_dict()
+    doc["schema_version"] = 1
+    del doc["classification"]["reference_tokens"]
+    with pytest.raises(ProfileError) as err:
+        HeadProfile.load(_write(tmp_path, doc))
+    assert "schema_version 1 is no longer read" in str(err.value)
+    assert "re-run `hybridkv profile`" in str(err.value)
+
+
+def test_reference_tokens_round_trip_and_are_checked(tmp_path, profile):
+    from hybridkv_vllm.core.profile import ClassificationParams
+
+    prof = replace(profile, classification=ClassificationParams(reference_tokens=(512, 4096)))
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert HeadProfile.load(path).classification.reference_tokens == (512, 4096)
+    for bad in ([0], [512, 512], ["512"], 512):
+        doc = prof.to_dict()
+        doc["classification"]["reference_tokens"] = bad
+        with pytest.raises(ProfileError, match="classification.reference_tokens"):
+            HeadProfile.load(_write(tmp_path, doc))
+    doc = prof.to_dict()
+    del doc["classification"]["reference_tokens"]
+    with pytest.raises(ProfileError, match="reference_tokens"):
+        HeadProfile.load(_write(tmp_path, doc))
 
 
 @pytest.mark.parametrize("field,value", [("num_layers", 5), ("num_kv_heads", 4), ("fingerprint", "sha256:" + "0" * 64)])

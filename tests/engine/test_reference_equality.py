@@ -50,12 +50,17 @@ def _oracle(model_dir, profile_path, cases, sub_chunks: int = 1):
     return out
 
 
-@pytest.mark.parametrize("which, sub", [("half_static", 1), ("shipped", 1), ("shipped", 4)])
-def test_greedy_tokens_equal_core_reference(model_dir, profile_path, shipped_profile, which, sub):
-    """With a profile that has static (pruned) and dynamic (retrieving) heads in about equal numbers, and with the
-    shipped profile (9 static heads of 90: nearly all retrieving from the cold tier), retrieving whole 32-token
-    blocks or 8-token units (``sub_chunks`` 4)."""
-    profile = profile_path if which == "half_static" else shipped_profile
+@pytest.mark.parametrize("model, which, sub", [("smollm2-vl", "half_static", 1), ("smollm2-vl", "shipped", 1),
+                                                ("smollm2-vl", "shipped", 4), ("qwen25-vl", "shipped", 1)])
+def test_greedy_tokens_equal_core_reference(model_dir, profile_path, model, which, sub):
+    """On both model families (SmolLM2-135M: 3 KV heads of GQA 3:1; Qwen2.5-0.5B: 2 KV heads of GQA 7:1, q/k/v
+    biases), with each one's shipped profile (static and dynamic heads mixed), and on SmolLM2 with a synthetic
+    profile of about equal numbers, retrieving whole 32-token blocks or 8-token units (``sub_chunks`` 4)."""
+    model_dir = model_dir.parent / model
+    if not (model_dir / "config.json").exists():
+        pytest.fail(f"{model_dir} missing: run `make setup`")
+    shipped = model_dir.parents[1] / "configs" / "profiles" / f"{model}.json"
+    profile = profile_path if which == "half_static" else shipped
     cases = _cases()
     expected = _oracle(model_dir, profile, cases, sub)
     llm = make_llm(model_dir, {"profile": str(profile), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,

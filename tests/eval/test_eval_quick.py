@@ -7,8 +7,8 @@ from testing_models import model_dir
 
 from hybridkv_vllm.cli import main
 from hybridkv_vllm.eval.metrics import mean_kl, passkey_found, top1_agreement
-from hybridkv_vllm.eval.prompts import MULTIMODAL_EVAL, haystack_paragraphs, niah_prompts
-from hybridkv_vllm.profiler.calibration import CALIBRATION_V1
+from hybridkv_vllm.eval.prompts import HAYSTACK_PATH, MULTIMODAL_EVAL, haystack_paragraphs, niah_prompts
+from hybridkv_vllm.profiler.calibration import CALIBRATION
 
 METHODS = ["full", "hybridkv", "streaming", "snapkv", "random"]
 
@@ -76,11 +76,12 @@ def test_niah_prompts_are_reproducible_and_hold_the_needle():
 
 
 def test_eval_prompts_differ_from_calibration():
-    calib_images = {s for p in CALIBRATION_V1 for s in p.images}
-    calib_text = {p.instruction for p in CALIBRATION_V1}
+    calib_images = {s for p in CALIBRATION for s in p.images}
+    calib_text = {p.instruction for p in CALIBRATION}
     for p in MULTIMODAL_EVAL:
         assert not set(p.images) & calib_images
         assert p.instruction not in calib_text
+    assert HAYSTACK_PATH.name not in {name for p in CALIBRATION for name in p.context}   # NIAH's haystack
 
 
 def test_profile_of_another_model_is_a_named_error(tmp_path, capsys):
