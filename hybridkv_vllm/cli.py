@@ -58,6 +58,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--niah-lengths {text!r}: expected comma-separated integers") from exc
+    if not values or min(values) < 16:
+        raise argparse.ArgumentTypeError(f"--niah-lengths {text!r}: every length must be >= 16 tokens")
+    return values
+
+
 def _budgets(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -111,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder (results.json, table.md, plot.png)")
     e.add_argument("--quick", action="store_true", help="tiny workload for smoke tests")
     e.add_argument("--gen-tokens", type=int, default=64, help="generated tokens compared (default 64)")
+    e.add_argument("--niah-lengths", type=_lengths, default=None,
+                   help="NIAH haystack lengths in tokens, comma-separated (default 1000,2000,3400)")
     e.add_argument("--sub-chunks", type=int, default=1,
                    help="retrieval units per 16-token chunk of dynamic heads (default 1; 2: 8-token units)")
     e.add_argument("--threads", type=int, help="torch intra-op threads (default 1, or $HYBRIDKV_THREADS)")

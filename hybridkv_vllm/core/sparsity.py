@@ -21,7 +21,7 @@ the prompts that reach it; then over reference lengths, each weighing the same. 
 describes (``classification.reference_tokens``); profile at the lengths you serve. Why recall rather than
 concentration: scored at the same reference lengths, ``1 - k90 / n`` made 62 of SmolLM2's 90 heads static and NIAH
 fell to 0 of 9 at a 10 % budget (the concentrated heads include retrieval heads, whose targets move), against 6 of
-9 with recall (41 static) and 6 of 9 with the v1 profile (9 static); see benchmarks/results/fidelity/.
+9 with recall and 6 of 9 with the v1 profile (9 static); see benchmarks/results/fidelity/ablation_head_statistic.md.
 
 Choices (where DESIGN §2 is silent)
 -----------------------------------
@@ -246,9 +246,9 @@ class SparsityAccumulator:
         self._sum[group][layer] += score.detach().to(torch.float64).cpu()
         self._count[group][layer] += 1
 
-    def scores(self) -> torch.Tensor:
-        """``float64 [L, H]``: per group the mean over its prompts, then the mean over groups; raises naming a
-        group no prompt reached, or one whose layers saw different numbers of prompts."""
+    def group_scores(self) -> dict[int, torch.Tensor]:
+        """``{group: float64 [L, H]}``, each the mean over the prompts that reached it; raises naming a group no
+        prompt reached, or one whose layers saw different numbers of prompts."""
         empty = [g for g, c in self._count.items() if int(c.max()) == 0]
         if empty:
             raise ConfigError(f"no calibration prompt reached reference length(s) {empty}: every reference length "
@@ -256,8 +256,11 @@ class SparsityAccumulator:
         uneven = {g: c.tolist() for g, c in self._count.items() if int(c.max()) != int(c.min())}
         if uneven:
             raise ConfigError(f"per-layer prompt counts differ: {uneven}")
-        per_group = [self._sum[g] / self._count[g][:, None].to(torch.float64) for g in self.groups]
-        return torch.stack(per_group).mean(dim=0)
+        return {g: self._sum[g] / self._count[g][:, None].to(torch.float64) for g in self.groups}
+
+    def scores(self) -> torch.Tensor:
+        """``float64 [L, H]``: the mean over groups of :meth:`group_scores` (each group weighs the same)."""
+        return torch.stack(list(self.group_scores().values())).mean(dim=0)
 
     def to_profile(self, identity: ModelIdentity, theta: float = 0.9, statistic: str = "selection_recall@0.1",
                    provenance: dict[str, Any] | None = None) -> HeadProfile:

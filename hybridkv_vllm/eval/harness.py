@@ -34,7 +34,7 @@ from hybridkv_vllm.core.policy import POLICIES, make_policy
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.eval.metrics import mean_kl, passkey_found, top1_agreement
-from hybridkv_vllm.eval.prompts import MULTIMODAL_EVAL, long_text_prompts, niah_prompts
+from hybridkv_vllm.eval.prompts import HAYSTACK_PATH, MULTIMODAL_EVAL, long_text_prompts, niah_prompts
 from hybridkv_vllm.hf.generate import Session
 from hybridkv_vllm.hf.inputs import LoadedModel, encode_chat, load_model
 from hybridkv_vllm.profiler.images import load_image
@@ -56,6 +56,8 @@ class EvalConfig:
     num_mm: int = 2
     gen_tokens: int = 64
     sub_chunks: int = 1               # retrieval units per chunk of dynamic heads (SelectionConfig.sub_chunks)
+    haystack: str = str(HAYSTACK_PATH)  # NIAH's haystack text (validation runs use another one)
+    niah_seed: int = 0
 
     def quick(self) -> EvalConfig:
         return replace(self, niah_lengths=(160,), niah_depths=(0.25, 0.75), niah_new_tokens=6, text_tokens=160,
@@ -75,7 +77,7 @@ def niah_hits(lm: LoadedModel, full, policies: dict, cfg: EvalConfig) -> tuple[d
     """Passkey hits of the NIAH prompts for each of ``policies`` (any keys), with the same prompts, greedy decoding
     and check as :func:`evaluate` (for ablations): ``(hits per key, the full cache's hits, number of prompts)``."""
     count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
+    prompts = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths, seed=cfg.niah_seed, path=Path(cfg.haystack))
     hits, full_hits = dict.fromkeys(policies, 0), 0
     for p in prompts:
         session = Session(lm, encode_chat(lm, p.text), full)
@@ -96,7 +98,7 @@ def evaluate(lm: LoadedModel, profile: HeadProfile, cfg: EvalConfig, progress: b
     """Run every task; returns the ``results.json`` document (without the ``meta.wall_s`` of the caller)."""
     count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     full, runs = _policies(profile, cfg)
-    niah = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths)
+    niah = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths, seed=cfg.niah_seed, path=Path(cfg.haystack))
     texts = long_text_prompts(count, cfg.text_tokens)[: cfg.num_text]
     mms = list(MULTIMODAL_EVAL[: cfg.num_mm]) if lm.is_multimodal else []
     total = (len(niah) + len(texts) + len(mms)) * (len(runs) + 1)
@@ -210,6 +212,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                      sub_chunks=args.sub_chunks)
     if args.quick:
         cfg = cfg.quick()
+    if getattr(args, "niah_lengths", None):
+        cfg = replace(cfg, niah_lengths=tuple(args.niah_lengths))
     t0 = time.perf_counter()
     lm = load_model(args.model)
     profile = HeadProfile.load(args.profile, expect=ModelIdentity.from_hf_config(lm.model.config))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,8 @@ from hybridkv_vllm.hf.inputs import LoadedModel, encode_chat
 from hybridkv_vllm.profiler.calibration import CALIBRATION, CALIBRATION_NAME, MultimodalPrompt, context_text
 from hybridkv_vllm.profiler.images import load_image
 
-__all__ = ["KEEP", "REFERENCE_TOKENS", "SCORE_DECIMALS", "ProfileRun", "one_type_warning", "profile_model"]
+__all__ = ["KEEP", "REFERENCE_TOKENS", "SCORE_DECIMALS", "LayerScorer", "ProfileRun", "one_type_warning",
+           "profile_model", "recall_scorer", "run_calibration"]
 
 logger = logging.getLogger("hybridkv")
 
@@ -36,21 +37,49 @@ QUERY_WINDOW = 32                           # text queries per window (before an
 SCORE_DECIMALS = 6
 
 
-class _SparsityCapture:
-    """Attention handler for one prompt: dense prefill plus the sparsity statistic of every layer."""
+# What a statistic sees of one layer in one prompt: (layer, q [Hq, P, D], k [P, H, D], scale, {r: (obs, fut)}).
+LayerScorer = Callable[[int, torch.Tensor, torch.Tensor, float, dict[int, tuple[torch.Tensor, torch.Tensor]]], None]
 
-    def __init__(self, acc: SparsityAccumulator, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.acc = acc
+
+class _Capture:
+    """Attention handler for one prompt: dense prefill, and every layer's queries and keys handed to a scorer."""
+
+    def __init__(self, scorer: LayerScorer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.scorer = scorer
         self.queries = queries
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q [Hq, P, D], k [H, P, D] (one prefill forward, no cache)
-        keys = k.transpose(0, 1)
-        for ref, (obs, fut) in self.queries.items():
-            score = selection_recall(q[:, obs].transpose(0, 1), q[:, fut].transpose(0, 1), keys, obs, fut, ref,
-                                     scale, keep=KEEP)
-            self.acc.add(layer, score, group=ref)
+        self.scorer(layer, q, k.transpose(0, 1), scale, self.queries)
         return dense_causal(q, k, v, scale)
+
+
+def run_calibration(lm: LoadedModel, scorer: LayerScorer, prompts: Sequence[MultimodalPrompt] = CALIBRATION,
+                    reference_tokens: Sequence[int] = REFERENCE_TOKENS,
+                    progress: bool = True) -> tuple[list[int], list[int]]:
+    """One dense prefill per calibration prompt, ``scorer`` called in every text layer with the queries around
+    each reference length the prompt reaches; returns (prompt tokens, query tokens) per prompt."""
+    refs = tuple(sorted({int(r) for r in reference_tokens}))
+    prompt_tokens, query_tokens = [], []
+    for prompt in tqdm(prompts, desc="profiling", unit="prompt", disable=not progress):
+        images = [load_image(s) for s in prompt.images] if lm.is_multimodal else []
+        enc = encode_chat(lm, context_text(prompt, lm.tokenizer) + prompt.instruction, images)
+        queries = reference_query_positions(enc.visual_mask, refs, QUERY_WINDOW)
+        with torch.no_grad(), activate(_Capture(scorer, queries)):
+            lm.model(**enc.inputs, use_cache=False, logits_to_keep=1)
+        prompt_tokens.append(enc.prompt_len)
+        query_tokens.append(sum(int(o.numel() + f.numel()) for o, f in queries.values()))
+    return prompt_tokens, query_tokens
+
+
+def recall_scorer(acc: SparsityAccumulator, keep: float = KEEP) -> LayerScorer:
+    """The profile's statistic: :func:`selection_recall` at each reference length, into ``acc``'s groups."""
+    def score(layer, q, keys, scale, queries):
+        for ref, (obs, fut) in queries.items():
+            recall = selection_recall(q[:, obs].transpose(0, 1), q[:, fut].transpose(0, 1), keys, obs, fut, ref,
+                                      scale, keep=keep)
+            acc.add(layer, recall, group=ref)
+    return score
 
 
 @dataclass(frozen=True)
@@ -80,16 +109,8 @@ def profile_model(lm: LoadedModel, theta: float = 0.9, prompts: Sequence[Multimo
     refs = tuple(sorted({int(r) for r in reference_tokens}))
     identity = ModelIdentity.from_hf_config(lm.model.config)
     acc = SparsityAccumulator(identity.num_layers, identity.num_kv_heads, groups=refs)
-    prompt_tokens, query_tokens = [], []
     t0 = time.perf_counter()
-    for prompt in tqdm(prompts, desc="profiling", unit="prompt", disable=not progress):
-        images = [load_image(s) for s in prompt.images] if lm.is_multimodal else []
-        enc = encode_chat(lm, context_text(prompt, lm.tokenizer) + prompt.instruction, images)
-        queries = reference_query_positions(enc.visual_mask, refs, QUERY_WINDOW)
-        with torch.no_grad(), activate(_SparsityCapture(acc, queries)):
-            lm.model(**enc.inputs, use_cache=False, logits_to_keep=1)
-        prompt_tokens.append(enc.prompt_len)
-        query_tokens.append(sum(int(o.numel() + f.numel()) for o, f in queries.values()))
+    prompt_tokens, query_tokens = run_calibration(lm, recall_scorer(acc), prompts, refs, progress)
     seconds = time.perf_counter() - t0
     scores = torch.round(acc.scores(), decimals=SCORE_DECIMALS)
     provenance = {

@@ -21,7 +21,7 @@ def quick_run(tmp_path_factory):
     assert main(["profile", "--model", str(model), "--out", str(profile), "--no-progress", "--theta", "0.5"]) == 0
     out = tmp / "out"
     assert main(["eval", "--model", str(model), "--profile", str(profile), "--budgets", "0.1,0.4", "--out", str(out),
-                 "--quick", "--no-progress"]) == 0
+                 "--quick", "--no-progress", "--niah-lengths", "200"]) == 0
     return out
 
 
@@ -29,6 +29,7 @@ def test_quick_outputs_and_structure(quick_run):
     doc = json.loads((quick_run / "results.json").read_text())
     assert set(doc) >= {"rows", "summary", "goals", "meta", "task_seconds", "workload"}
     assert doc["meta"]["quick"] is True and doc["meta"]["wall_s"] > 0
+    assert doc["meta"]["config"]["niah_lengths"] == [200]                   # --niah-lengths overrides --quick's
     assert [(e["budget"], e["method"]) for e in doc["summary"]] == [(b, m) for b in (0.1, 0.4) for m in METHODS]
     for e in doc["summary"]:
         for key in ("niah_acc", "agreement", "kl", "agreement_text", "agreement_mm", "kl_text", "kl_mm"):

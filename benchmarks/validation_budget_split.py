@@ -1,0 +1,77 @@
+"""Choose the budget split's free parameters on a validation set kept apart from ``hybridkv eval``'s prompts.
+
+Validation set: NIAH passkey prompts built exactly like the eval's (same instruction, needle sentence, question and
+check) but over another haystack, Debian's GFDL-1.2 text (the eval's is GPL-3; the calibration set's texts are
+other licences), at other needle depths (0.25, 0.75 against the eval's 0.1, 0.5, 0.9) and other passkeys
+(seed 1): 3 lengths x 2 depths = 6 prompts. Candidates: ``sub_chunks`` (retrieval units per 16-token block) and
+``r`` (per-head budget ratio dynamic : static), the hybridkv policy with the shipped profile at 5 % and 10 %. The
+choice maximises validation hits summed over both budgets; ties go to the cheaper setting (fewer units: fewer
+summaries in the cold tier and fewer scores per step; then r = 1).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/validation_budget_split.py \\
+        --out benchmarks/results/fidelity/validation_budget_split.md        # ~6 min on 1 CPU thread (SmolLM2)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+from hybridkv_vllm.core.selection import SelectionConfig
+from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
+from hybridkv_vllm.hf.inputs import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 16
+VALIDATION = EvalConfig(haystack="/usr/share/common-licenses/GFDL-1.2", niah_depths=(0.25, 0.75), niah_seed=1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
+    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
+    parser.add_argument("--budgets", default="0.05,0.1")
+    parser.add_argument("--subs", default="1,2")
+    parser.add_argument("--rs", default="0.5,1,2")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    lm = load_model(args.model)
+    profile = HeadProfile.load(args.profile)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    grid = list(itertools.product([int(s) for s in args.subs.split(",")], [float(r) for r in args.rs.split(",")]))
+    policies = {(sub, r, b): make_policy("hybridkv", profile, BudgetConfig(b, r=r, block_size=BLOCK),
+                                         SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
+                for sub, r in grid for b in budgets}
+    full = make_policy("full", profile, BudgetConfig(1.0, block_size=BLOCK))
+    hits, full_hits, n = niah_hits(lm, full, policies, VALIDATION)
+    total = {(sub, r): sum(hits[sub, r, b] for b in budgets) for sub, r in grid}
+    best = max(grid, key=lambda c: (total[c], -c[0], -abs(c[1] - 1.0)))
+    lines = [f"# Budget split chosen on a validation set: `{args.model.name}`", "",
+             f"Profile `{args.profile.name}` ({int(profile.is_static.sum())} of {profile.is_static.numel()} heads "
+             f"static); validation NIAH: haystack `{VALIDATION.haystack}`, lengths {list(VALIDATION.niah_lengths)} "
+             f"tokens, depths {list(VALIDATION.niah_depths)}, seed {VALIDATION.niah_seed}: {n} prompts (full cache "
+             f"{full_hits}/{n}); {platform.machine()}, 1 thread.", "",
+             "| retrieval unit | r | " + " | ".join(f"{b:.0%}" for b in budgets) + " | sum |",
+             "|---|---:|" + "---:|" * (len(budgets) + 1)]
+    for sub, r in grid:
+        mark = " **(chosen)**" if (sub, r) == best else ""
+        lines.append(f"| {BLOCK // sub} tokens | {r:g} | " + " | ".join(str(hits[sub, r, b]) for b in budgets)
+                     + f" | {total[sub, r]}{mark} |")
+    lines += ["", f"Chosen: `sub_chunks` {best[0]} ({BLOCK // best[0]}-token units at 16-token blocks), "
+                  f"`r` {best[1]:g}.",
+              f"Wall time {time.perf_counter() - started:.0f} s."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
