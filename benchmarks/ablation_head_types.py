@@ -15,23 +15,29 @@ from pathlib import Path
 
 import torch
 
-from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+from hybridkv_vllm.core import BudgetConfig, HeadProfile, SelectionConfig, make_policy
 from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
 from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The settings the committed results were made with (before r and sub_chunks became the validated defaults)
+R = 1.0
+SELECTION = SelectionConfig(sub_chunks=1)
+WORKLOAD = EvalConfig(niah_lengths=(1000, 2000, 3400))
+
 
 def variants(profile: HeadProfile, budget: float) -> dict[str, object]:
-    cfg = BudgetConfig(budget)
+    cfg = BudgetConfig(budget, r=R)
     rethreshold = lambda theta: HeadProfile.from_scores(profile.model, profile.scores, theta=theta)  # noqa: E731
     n_static = int(profile.is_static.sum())
     return {
         f"shipped profile ({n_static} static / {profile.is_static.numel() - n_static} dynamic)":
-            make_policy("hybridkv", profile, cfg),
-        "all heads dynamic (theta = 1.0)": make_policy("hybridkv", rethreshold(1.0), cfg),
-        "all heads static (theta = 0.0, budgets weighted by 1 - s)": make_policy("hybridkv", rethreshold(0.0), cfg),
-        "SnapKV baseline (uniform budgets)": make_policy("snapkv", profile, cfg),
+            make_policy("hybridkv", profile, cfg, SELECTION),
+        "all heads dynamic (theta = 1.0)": make_policy("hybridkv", rethreshold(1.0), cfg, SELECTION),
+        "all heads static (theta = 0.0, budgets weighted by 1 - s)":
+            make_policy("hybridkv", rethreshold(0.0), cfg, SELECTION),
+        "SnapKV baseline (uniform budgets)": make_policy("snapkv", profile, cfg, SELECTION),
     }
 
 
@@ -48,7 +54,7 @@ def main() -> int:
     profile = HeadProfile.load(args.profile)
     budgets = [float(b) for b in args.budgets.split(",")]
     policies = {(name, budget): policy for budget in budgets for name, policy in variants(profile, budget).items()}
-    hits, full_hits, n_prompts = niah_hits(lm, make_policy("full", profile, BudgetConfig(1.0)), policies, EvalConfig())
+    hits, full_hits, n_prompts = niah_hits(lm, make_policy("full", profile, BudgetConfig(1.0)), policies, WORKLOAD)
     names = list(variants(profile, budgets[0]))
     lines = [f"# Head-type ablation: NIAH passkey hits of {n_prompts} prompts (`{args.model.name}`)", "",
              f"`{' '.join(['benchmarks/ablation_head_types.py', '--budgets', args.budgets])}`; "

@@ -443,12 +443,13 @@ def build_layer(lib, cfg: Config, batch: int, ctx: int, gen: torch.Generator) ->
     P, seq = ctx - 1, ctx
     C, M = P // bs, -(-seq // bs)
     kept = lib.kept_blocks(P, cfg.budget, bs, 2, 0)
-    sel = lib.SelectionConfig(chunk_size=bs)
+    sel = lib.SelectionConfig(chunk_size=bs)                # the product's default retrieval units (8 tokens)
     ops = lib.TritonKVOps(bs, D, dtype, sel)
     nb = batch * M + 1                                                     # blocks per head; block 0: null block
     pool = torch.randn(H * nb, 2 * bs, D, dtype=dtype, device=DEVICE, generator=gen)
     tables = (torch.randperm(nb - 1, device=DEVICE, generator=gen)[:batch * M] + 1).view(batch, M).to(torch.int32)
-    cold = lib.ColdTier(bs, D, dtype, hd, device=DEVICE, pages_on_host=False)    # cold_tier_memory "device"
+    cold = lib.ColdTier(bs, D, dtype, hd, device=DEVICE, pages_on_host=False,    # cold_tier_memory "device"
+                        units=sel.sub_chunks)
     cold._grow_pages(batch * hd * C)          # one allocation up front (admit grows by doubling: slower, 3x peak)
     for r in range(batch):
         cold.admit(f"r{r}", C, torch.full((hd,), kept))
@@ -507,17 +508,19 @@ def check_row(s, r: int, k: torch.Tensor, v: torch.Tensor, dense_out: torch.Tens
     lib, bs, G, dev = s.lib, s.cfg.bs, s.cfg.hq // s.cfg.h, k.device
     slot = s.cold.slot_of(f"r{r}")
     tail = torch.arange(s.C * bs, s.seq, device=dev)
-    span = torch.arange(bs, device=dev)
+    units, sub = s.sel.retrieval_units(), s.sel.sub_chunks                # scored and retrieved units
+    u = units.chunk_size
+    span = torch.arange(u, device=dev)
     right, wrong, agree = [], [], 0
     for h in range(s.cfg.h):
         if h < s.cfg.dynamic_heads:
-            kmin, kmax = lib.chunk_summaries(k[:s.C * bs, h][None], bs)
+            kmin, kmax = lib.chunk_summaries(k[:s.C * bs, h][None], u)
             scores = lib.score_chunks(s.q[r, h * G:(h + 1) * G], kmin, kmax)
-            want = lib.select_chunks(scores, s.C, s.kept, s.sel)[0].to(dev)
-            low = lib.select_chunks(-scores, s.C, s.kept, s.sel)[0].to(dev)
-            agree += int(torch.equal(s.cold.resident[slot, h, :s.kept].sort().values, want))
-            right.append(torch.cat([(want[:, None] * bs + span).flatten(), tail]))
-            wrong.append(torch.cat([(low[:, None] * bs + span).flatten(), tail]))
+            want = lib.select_chunks(scores, s.C * sub, s.kept * sub, units)[0].to(dev)
+            low = lib.select_chunks(-scores, s.C * sub, s.kept * sub, units)[0].to(dev)
+            agree += int(torch.equal(s.cold.resident[slot, h, :s.kept * sub].sort().values, want))
+            right.append(torch.cat([(want[:, None] * u + span).flatten(), tail]))
+            wrong.append(torch.cat([(low[:, None] * u + span).flatten(), tail]))
         else:
             right.append(torch.cat([torch.arange(s.kept * bs, device=dev), tail]))
             wrong.append(right[-1])
@@ -539,12 +542,12 @@ def check_row(s, r: int, k: torch.Tensor, v: torch.Tensor, dense_out: torch.Tens
 
 def step_bytes(s, moved: int) -> dict:
     """Bytes one layer step must read: K+V of every attended token, the dynamic heads' fp32 summaries of every
-    cold chunk, and the cold pages of the chunks swapped in; dense: K+V of the whole context."""
-    cfg, elt = s.cfg, s.pool.element_size()
+    cold retrieval unit, and the cold K+V of the units swapped in; dense: K+V of the whole context."""
+    cfg, elt, sub = s.cfg, s.pool.element_size(), s.sel.sub_chunks
     attended = s.kept * cfg.bs + s.seq - s.C * cfg.bs                           # per (row, head)
     attn = s.batch * cfg.h * attended * cfg.d * 2 * elt
-    score = s.batch * cfg.dynamic_heads * s.C * cfg.d * 2 * 4
-    swap = moved * 2 * cfg.bs * cfg.d * elt
+    score = s.batch * cfg.dynamic_heads * s.C * sub * cfg.d * 2 * 4
+    swap = moved * 2 * (cfg.bs // sub) * cfg.d * elt
     dense = s.batch * cfg.h * s.seq * cfg.d * 2 * elt
     return dict(attended_tokens=attended, attn_bytes=attn, score_bytes=score, swap_bytes=swap,
                 step_bytes=attn + score, swap_step_bytes=attn + score + swap, dense_bytes=dense)
@@ -644,8 +647,11 @@ def section_decode(sec: Section, cfg: Config, deadline: float, timer: Timer, sha
             if CUDA:
                 torch.cuda.empty_cache()
     shapes_of = "Dry-run shapes (tiny, not Qwen's)" if cfg.name == "dry" else "Qwen2.5-VL-7B attention"
+    unit = cfg.bs // lib.SelectionConfig(chunk_size=cfg.bs).sub_chunks
     sec.md += [f"{shapes_of}: {cfg.hq} query heads, {cfg.h} KV heads (GQA {cfg.hq // cfg.h}), head dim "
-               f"{cfg.d}, {str(cfg.dtype).replace('torch.', '')}, block = chunk = {cfg.bs} tokens; budget "
+               f"{cfg.d}, {str(cfg.dtype).replace('torch.', '')}, block = chunk = {cfg.bs} tokens, retrieved in "
+               f"the product's default units of {unit} tokens (`SelectionConfig.sub_chunks`; 'chunks swapped' "
+               "counts units); budget "
                f"{cfg.budget:.0%} (kept blocks per head = `core.tiers.kept_blocks`), KV heads 0-{cfg.dynamic_heads - 1}"
                f" of {cfg.h} dynamic (every one retrieves: the step's upper bound; static heads attend the same "
                "way without retrieval). Prompt = context - 1 tokens; one decode token per request.",
@@ -812,7 +818,7 @@ def pinned_step(lib, cfg: Config, timer: Timer, batch: int, ctx: int, gen) -> di
         err_pin = f"{type(exc).__name__}: {exc}"[:600]
     finally:
         s.cold.pages = dev_pages
-    swap_bytes = moved * 2 * cfg.bs * cfg.d * dev_pages.element_size()
+    swap_bytes = moved * 2 * (cfg.bs // s.sel.sub_chunks) * cfg.d * dev_pages.element_size()
     return dict(batch=batch, ctx=ctx, chunks_swapped=moved, swapped_mb=swap_bytes / MB,
                 step_cold_in_device_us=t_dev, step_cold_pinned_us=t_pin, pinned_error=err_pin,
                 device_graph_error=err_dev, extra_us=t_pin - t_dev,

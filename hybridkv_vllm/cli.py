@@ -122,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="tiny workload for smoke tests")
     e.add_argument("--gen-tokens", type=int, default=64, help="generated tokens compared (default 64)")
     e.add_argument("--niah-lengths", type=_lengths, default=None,
-                   help="NIAH haystack lengths in tokens, comma-separated (default 1000,2000,3400)")
-    e.add_argument("--sub-chunks", type=int, default=1,
-                   help="retrieval units per 16-token chunk of dynamic heads (default 1; 2: 8-token units)")
+                   help="NIAH haystack lengths in tokens, comma-separated (default 1000,2000,4000)")
+    e.add_argument("--sub-chunks", type=int, default=None,
+                   help="retrieval units per 16-token chunk of dynamic heads (default 2: the core's 8-token units)")
+    e.add_argument("--r", type=float, default=None,
+                   help="per-head budget ratio dynamic : static (default: the core's, 2.0)")
     e.add_argument("--threads", type=int, help="torch intra-op threads (default 1, or $HYBRIDKV_THREADS)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)

@@ -8,7 +8,7 @@ a :class:`ConfigError` that names the key, the value and what is expected.
 Keys (defaults in brackets):
   profile            path of the head-profile JSON (required)
   budget             kept share of the KV cache, in (0, 1] [0.1]
-  r                  per-head budget ratio dynamic : static [1.0]
+  r                  per-head budget ratio dynamic : static [2.0: the core's default, chosen on a validation set]
   floor_blocks       minimum blocks per head, >= 1 [2]
   min_prompt_tokens  shorter prompts bypass compression [256]
   max_groups         most KV-cache groups the head tiers may use [16]
@@ -21,7 +21,8 @@ Keys (defaults in brackets):
                      project's Triton kernels; on the CPU build they run under TRITON_INTERPRET=1, for tests) or
                      "auto" (cpu on the CPU build, triton on CUDA) ["auto"]
   sink_tokens, recent_tokens, obs_window, pool_kernel, sink_chunks, recent_chunks   selection (DESIGN §4)
-  sub_chunks         retrieval units per KV block of dynamic heads (must divide --block-size) [1]
+  sub_chunks         retrieval units per KV block of dynamic heads (must divide --block-size) [the core's default,
+                     chosen on a validation set: units of 8 tokens, i.e. 4 at --block-size 32]
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ SELECTION_KEYS = ("sink_tokens", "recent_tokens", "obs_window", "pool_kernel", "
 class HybridKVConfig:
     profile: Path
     budget: float = 0.1
-    r: float = 1.0
+    r: float = BudgetConfig(budget=1.0).r          # the core's default (core/budgets.py says why)
     floor_blocks: int = 2
     min_prompt_tokens: int = 256
     max_groups: int = 16

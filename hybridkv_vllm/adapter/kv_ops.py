@@ -313,14 +313,19 @@ class CpuKVOps(KVOps):
         loads += step.live_count
 
     def _fill_units(self, pool, cold, step: LayerStep, src) -> None:
-        """Units finer than a page: copy each live unit's K and V elements (their places inside a page, keys in the
-        ISA's layout) from its cold page into its hot slot's place in the pool."""
-        s, live = step.units, step.live
+        """Units finer than a page: copy each unit's K and V elements (their places inside a page, keys in the
+        ISA's layout) from its cold page into its hot slot's place in the pool. Shapes are fixed by the plan (no
+        host-dependent mask): a dead slot repeats its head's slot 0, and a head without live slots writes its own
+        elements back."""
+        s = step.units
         pos = self._unit_positions(s, pool.device)                                  # [s, 2 u D]
-        src, dst = src[live], step.hot[live]                                         # live units only (host here)
+        dst, src = step.hot_or_first, torch.where(step.live, src, src[..., :1])
         flat_pool, flat_cold = pool.view(pool.shape[0], -1), cold.pages.view(cold.pages.shape[0], -1)
-        values = flat_cold[torch.div(src, s, rounding_mode="floor")[:, None], pos[src.remainder(s)]]
-        flat_pool[torch.div(dst, s, rounding_mode="floor")[:, None], pos[dst.remainder(s)]] = values
+        at_dst = (torch.div(dst, s, rounding_mode="floor")[..., None], pos[dst.remainder(s)])
+        values = flat_cold[torch.div(src, s, rounding_mode="floor")[..., None], pos[src.remainder(s)]]
+        if not step.every_head_retrieves:
+            values = torch.where(step.live[..., :1, None], values, flat_pool[at_dst])
+        flat_pool[at_dst] = values
 
     @functools.lru_cache(maxsize=8)
     def _unit_positions(self, s: int, device) -> torch.Tensor:

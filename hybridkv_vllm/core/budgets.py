@@ -48,7 +48,9 @@ class BudgetConfig:
     """
 
     budget: float
-    r: float = 1.0
+    # [choice] 2 (a dynamic head gets twice a static head's share) was chosen on the validation set, not the
+    # evaluation prompts: benchmarks/results/fidelity/validation_budget_split.md
+    r: float = 2.0
     block_size: int = 16
     floor_blocks: int = 2
 

@@ -48,14 +48,15 @@ class EvalConfig:
 
     budgets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
     methods: tuple[str, ...] = POLICIES
-    niah_lengths: tuple[int, ...] = (1000, 2000, 3400)
+    niah_lengths: tuple[int, ...] = (1000, 2000, 4000)
     niah_depths: tuple[float, ...] = (0.1, 0.5, 0.9)
     niah_new_tokens: int = 12
     text_tokens: int = 2000
     num_text: int = 2
     num_mm: int = 2
     gen_tokens: int = 64
-    sub_chunks: int = 1               # retrieval units per chunk of dynamic heads (SelectionConfig.sub_chunks)
+    sub_chunks: int = 0               # retrieval units per 16-token chunk of dynamic heads (0: the core's default)
+    r: float = BudgetConfig(1.0).r                    # per-head ratio dynamic : static (the core's default)
     haystack: str = str(HAYSTACK_PATH)  # NIAH's haystack text (validation runs use another one)
     niah_seed: int = 0
 
@@ -68,8 +69,8 @@ def _policies(profile: HeadProfile, cfg: EvalConfig):
     """``[(method, budget, policy)]`` for every compressed method, plus the full-cache policy."""
     selection = SelectionConfig(sub_chunks=cfg.sub_chunks)
     full = make_policy("full", profile, BudgetConfig(1.0), selection)
-    runs = [(m, b, make_policy(m, profile, BudgetConfig(b), selection)) for b in cfg.budgets for m in cfg.methods
-            if m != "full"]
+    runs = [(m, b, make_policy(m, profile, BudgetConfig(b, r=cfg.r), selection))
+            for b in cfg.budgets for m in cfg.methods if m != "full"]
     return full, runs
 
 
@@ -208,8 +209,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in POLICIES]
     if unknown or not methods:
         raise ConfigError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(POLICIES)}")
-    cfg = EvalConfig(budgets=tuple(args.budgets), methods=methods, gen_tokens=args.gen_tokens,
-                     sub_chunks=args.sub_chunks)
+    cfg = EvalConfig(budgets=tuple(args.budgets), methods=methods, gen_tokens=args.gen_tokens)
+    cfg = replace(cfg, **{k: v for k, v in (("sub_chunks", args.sub_chunks), ("r", args.r)) if v is not None})
     if args.quick:
         cfg = cfg.quick()
     if getattr(args, "niah_lengths", None):

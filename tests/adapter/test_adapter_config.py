@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
+from importlib import resources
 
 import pytest
 
-from hybridkv_vllm.adapter.config import ENV_VAR, parse_config
+from hybridkv_vllm.adapter.config import ENV_VAR, SCHEMA_RESOURCE, parse_config
 from hybridkv_vllm.core.errors import ConfigError
 
 
@@ -22,6 +24,19 @@ def test_defaults_and_values(profile):
     assert cfg.selection_config(32).chunk_size == 32 and cfg.budget_config(32).block_size == 32
     assert cfg.cold_tier_gib is None
     assert parse_config({"hybridkv": {"profile": profile, "cold_tier_gib": 2}}).cold_tier_gib == 2.0
+
+
+def test_schema_defaults_are_the_effective_defaults(profile):
+    """The defaults the schema documents are those a section without the key gets (the core's, for r), so the
+    schema, the module doc and the code cannot drift apart."""
+    schema = json.loads(resources.files(SCHEMA_RESOURCE[0]).joinpath(SCHEMA_RESOURCE[1]).read_text("utf-8"))
+    documented = {k: v["default"] for k, v in schema["properties"].items() if "default" in v}
+    cfg = parse_config({"hybridkv": {"profile": profile}})
+    effective = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    assert documented and {k: effective[k] for k in documented} == documented
+    # sub_chunks has no fixed default: units of 8 tokens, whatever the block size
+    assert "default" not in schema["properties"]["sub_chunks"]
+    assert [cfg.selection_config(bs).retrieval_units().chunk_size for bs in (16, 32, 64)] == [8, 8, 8]
 
 
 @pytest.mark.parametrize("section, message", [

@@ -258,38 +258,46 @@ def test_compaction_moves_the_kept_tokens_to_the_first_blocks(kind):
         torch.testing.assert_close(got_v.reshape(-1, D), v[h, kept[h, :n]])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_cpu_selection_equals_the_kernel_reference(seed):
-    """CpuKVOps.select (fewer operations) selects what ``chunk_scoring``'s reference selects."""
+@pytest.mark.parametrize("sub", [1, 4])
+@pytest.mark.parametrize("seed", range(3))
+def test_cpu_selection_equals_the_kernel_reference(seed, sub):
+    """CpuKVOps.select (fewer operations) selects what ``chunk_scoring``'s reference selects over the same
+    retrieval units (whole chunks, or ``sub`` units per chunk addressed ``page x sub + j``)."""
     g = torch.Generator().manual_seed(seed)
-    ops = make_ops("cpu")
+    sel = SelectionConfig(chunk_size=BS, sub_chunks=sub)
+    units = sel.retrieval_units()
+    ops = make_ops("cpu", sel)
     rows, heads, width, nc = 4, 3, 12, 200
-    kmin = torch.randn(nc, D, generator=g)
-    kmax = kmin + torch.rand(nc, D, generator=g)
+    kmin = torch.randn(nc * sub, D, generator=g)
+    kmax = kmin + torch.rand(nc * sub, D, generator=g)
     table = torch.randint(0, nc, (rows, heads, width), generator=g)
     chunks = torch.randint(3, width + 1, (rows,), generator=g)
     k = torch.randint(0, 3, (rows, heads), generator=g).clamp(max=chunks[:, None] - 1)
     k[0, 0] = 0
     table[0, 0] = -1                                         # a head without a cold entry retrieves nothing
     q = torch.randn(rows, heads * G, D, generator=g)
-    want = hk.chunk_scoring.reference(q, kmin[:, None].expand(nc, heads, D), kmax[:, None].expand(nc, heads, D),
-                                      table, chunks * BS, 4, chunk_size=BS, sink_chunks=SEL.sink_chunks,
-                                      recent_chunks=SEL.recent_chunks, k_per=k)[0]
+    unit_table = table if sub == 1 else torch.where(table[..., None] < 0, -1, table[..., None] * sub +
+                                                    torch.arange(sub)).flatten(2)
+    want = hk.chunk_scoring.reference(q, kmin[:, None].expand(nc * sub, heads, D),
+                                      kmax[:, None].expand(nc * sub, heads, D), unit_table, chunks * BS, 4 * sub,
+                                      chunk_size=units.chunk_size, sink_chunks=units.sink_chunks,
+                                      recent_chunks=units.recent_chunks, k_per=k * sub)[0]
     cold = SimpleNamespace(kmin=kmin, kmax=kmax, table=table)
     plan = SimpleNamespace(decode=SimpleNamespace(cold_slots=torch.arange(rows), chunk_tokens=chunks * BS, k_max=4,
                                                   k=k.transpose(0, 1), k_host=k.transpose(0, 1),
                                                   rows=torch.arange(rows)),
-                           tables=torch.zeros(heads, rows, 1, dtype=torch.long),
-                           prompt_tables=torch.zeros(heads, rows, 1, dtype=torch.long),
+                           tables=torch.zeros(heads, rows, 4, dtype=torch.long),
+                           prompt_tables=torch.zeros(heads, rows, 4, dtype=torch.long),
                            slots=torch.zeros(heads, rows, dtype=torch.long), seq_lens=torch.zeros(heads, rows),
                            block_size=BS)
     layer = LayerHeads(index=0, tiers=torch.arange(heads), base=torch.zeros(heads, dtype=torch.long),
                        stride=torch.ones(heads, dtype=torch.long), dynamic=torch.arange(heads), cold_start=0,
                        static=torch.tensor([], dtype=torch.long), signature=tuple(range(heads)))
-    step = plan_layers(plan, [layer], cold, SEL)[0]
+    step = plan_layers(plan, [layer], cold, sel)[0]
     got = ops.select(q, cold, step, plan.decode)                 # priority order: the first k count
+    assert got.shape[2] == 4 * sub
     for r in range(rows):
         for h in range(heads):
-            n = int(k[r, h])
+            n = int(k[r, h]) * sub
             assert sorted(got[r, h, :n].tolist()) == want[r, h, :n].tolist()
             assert (want[r, h, n:] == -1).all()

@@ -106,7 +106,7 @@ def test_hybridkv_low_budget_sets(make_profile, make_identity):
     H, G, P, cs = 2, 2, 150, 16
     ident = make_identity(num_layers=1, num_q_heads=H * G, num_kv_heads=H, head_dim=D)
     prof = HeadProfile.from_scores(ident, torch.tensor([[0.97, 0.3]], dtype=torch.float64))
-    policy = HybridKVPolicy(prof, BudgetConfig(0.25, block_size=cs), SelectionConfig(chunk_size=cs))
+    policy = HybridKVPolicy(prof, BudgetConfig(0.25, block_size=cs), SelectionConfig(chunk_size=cs, sub_chunks=1))
     rules = policy.rules(0, P)
     assert rules.kinds == (HeadKind.STATIC, HeadKind.DYNAMIC)
     is_visual = torch.zeros(P, dtype=torch.bool)

@@ -203,7 +203,10 @@ def test_retrieval_units_split_chunks_and_keep_forced_spans_whole():
     cfg = SelectionConfig(chunk_size=32, sink_chunks=1, recent_chunks=2, sub_chunks=4)
     units = cfg.retrieval_units()
     assert (units.chunk_size, units.sink_chunks, units.recent_chunks, units.sub_chunks) == (8, 4, 8, 1)
-    assert SelectionConfig(chunk_size=32).retrieval_units() == SelectionConfig(chunk_size=32)
-    for bad in (3, 0):
+    whole = SelectionConfig(chunk_size=32, sub_chunks=1)
+    assert whole.retrieval_units() == whole
+    # the default: 8-token units where the chunk is a multiple of 8, else whole chunks
+    assert [SelectionConfig(chunk_size=c).sub_chunks for c in (8, 16, 32, 4, 12)] == [1, 2, 4, 1, 1]
+    for bad in (3, -1, 1.5):
         with pytest.raises(ConfigError, match="sub_chunks"):
             SelectionConfig(chunk_size=32, sub_chunks=bad)

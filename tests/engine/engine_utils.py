@@ -69,3 +69,27 @@ def counter_total(name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+#: Greedy equality across implementations (vLLM's CPU kernels vs transformers + the core reference, both float32):
+#: the two compute the same logits up to summation order, a few 1e-4 apart on this machine, more on another
+#: ISA. Where the reference's two best logits are closer than this, either side may pick either token and the
+#: continuations part; nowhere else may they differ.
+NEAR_TIE = 2e-2
+
+
+def assert_greedy_matches(got: list[int], want: list[int], want_logits, what: str) -> None:
+    """``got`` (vLLM) equals ``want`` (the reference, whose step logits are ``want_logits [n, V]``) token for token,
+    up to a near tie of the reference (``NEAR_TIE``), at which ``got``'s token must be one of the tied ones;
+    after it nothing is compared (the prompts differ from there on)."""
+    assert len(got) == len(want), f"{what}: {len(got)} tokens, the reference made {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g == w:
+            continue
+        logits = want_logits[i].float()
+        best = float(logits.max())
+        margin = best - float(logits[g])
+        assert margin < NEAR_TIE, (f"{what}: greedy token {i} is {g}, the reference's is {w}, and the reference "
+                                   f"ranks {g} {margin:.4f} below its best (not a near tie: < {NEAR_TIE}); "
+                                   f"equal before: {want[:i]}")
+        return
