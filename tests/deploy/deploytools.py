@@ -59,6 +59,37 @@ def render(kustomization: str) -> list[dict]:
     return [d for d in yaml.safe_load_all(render_text(kustomization)) if d]
 
 
+def served_as_deployed(objs: list[dict], port: int, model_dir: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """The rendered Deployment's ``vllm serve`` as the kubelet starts it, on this machine: its command and args
+    (``$(VAR)`` expanded from the container's env) and its env (no variable added), with only what points into
+    the pod moved here: the model path (baked into the image) -> ``model_dir``, the profile's ConfigMap mount ->
+    the rendered ConfigMap's content in ``tmp``, env values under a volume mount -> ``tmp``, ``--host`` ->
+    loopback, ``--port`` -> ``port``. Returns ``(argv, env)``; ``env`` is this process's environment (PATH, the
+    venv) without ``PROMETHEUS_MULTIPROC_DIR``, plus the container's values."""
+    (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["vllm", "serve"], c["command"]
+    literal = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: literal[m.group(1)], a) for a in c["args"]]
+    assert args[0] == literal.get("HYBRIDKV_MODEL"), "the model is the first argument"
+    args[0] = str(model_dir)
+    for name, value in (("--host", "127.0.0.1"), ("--port", str(port))):
+        args[args.index(name) + 1] = value
+    i = args.index("--additional-config") + 1
+    config = json.loads(args[i])
+    (cm,) = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("hybridkv-profile")]
+    mounted = Path(config["hybridkv"]["profile"])
+    profile = tmp / mounted.name
+    profile.write_text(cm["data"][mounted.name])
+    config["hybridkv"]["profile"] = str(profile)
+    args[i] = json.dumps(config)
+    mounts = [vm["mountPath"].rstrip("/") for vm in c.get("volumeMounts", [])]
+    env = {k: v for k, v in os.environ.items() if k.upper() != "PROMETHEUS_MULTIPROC_DIR"}
+    for name, value in literal.items():
+        under = [m for m in mounts if value == m or value.startswith(m + "/")]
+        env[name] = str(tmp / "volumes" / value.lstrip("/")) if under else value
+    return [str(Path(sys.executable).with_name("vllm")), "serve", *args], env
+
+
 def by_kind(objs: list[dict], kind: str) -> list[dict]:
     return [o for o in objs if o.get("kind") == kind]
 

@@ -1,7 +1,9 @@
 """Live end-to-end check of the dashboard and the plugin's metrics (issue 6): a real Prometheus scraping a real
 `vllm serve --attention-backend HYBRIDKV` on the CPU build.
 
-One server start (hybridkv_vllm.demo.serve_command, the shipped smollm2-vl profile, budget 0.1) and one Prometheus
+One server start (the cpu-demo Deployment's `vllm serve` command, args and env as the kubelet runs them, with
+only the model path, the profile's ConfigMap mount, host and port moved to this machine: deploytools.
+served_as_deployed; the shipped smollm2-vl profile, budget 0.1; no PROMETHEUS_MULTIPROC_DIR) and one Prometheus
 (Debian's 2.42 binary from scripts/setup_deploy_tools.sh, deploy/prometheus/prometheus-local.yml with a 1 s scrape
 interval and the committed rules), both on 127.0.0.1 only. The requests, sent through the `openai` client:
 
@@ -39,7 +41,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploytools import DEPLOY, ROOT, dashboard, dashboard_targets, substitute_grafana_vars, tool
+from deploytools import (DEPLOY, ROOT, dashboard, dashboard_targets, render, served_as_deployed,
+                         substitute_grafana_vars, tool)
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]
 
@@ -166,8 +169,7 @@ def _stream(client, sample_at: int | None = None, port: int | None = None, stop:
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from hybridkv_vllm.serving import (DEFAULT_MODEL, DEFAULT_PROFILE, free_port, serve_command, wait_healthy,
-                                       wait_ready)
+    from hybridkv_vllm.serving import DEFAULT_MODEL, DEFAULT_PROFILE, free_port, wait_healthy, wait_ready
     from hybridkv_vllm.serving import metrics as read_metrics
 
     if not (DEFAULT_MODEL / "config.json").exists():
@@ -177,9 +179,9 @@ def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
     server_log, prom_log = tmp / "server.log", tmp / "prometheus.log"
     port, prom_port = free_port(), free_port()
-    (tmp / "multiproc").mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp / "multiproc"), VLLM_CPU_KVCACHE_SPACE="1",
-               HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_PLUGINS="hybridkv")
+    # The server as the cpu-demo Deployment starts it (its args and env; model, profile mount, host and port moved
+    # to this machine): nothing set for the plugin's metrics, nothing added.
+    argv, env = served_as_deployed(render("overlays/cpu-demo"), port, DEFAULT_MODEL, tmp)
     server = prom = None
     ctx: dict = {"tmp": tmp, "port": port, "server_log": server_log, "prom_log": prom_log}
     try:
@@ -198,8 +200,7 @@ def live(tmp_path_factory):
         wait_ready(prom, f"{api.url}/-/ready", prom_log, PROM_START_S, what="prometheus", poll_s=0.5)
 
         with open(server_log, "w") as out:
-            server = subprocess.Popen(serve_command(DEFAULT_MODEL, DEFAULT_PROFILE, BUDGET, port, MODEL_NAME),
-                                      stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            server = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                       cwd=ROOT)
         wait_healthy(server, port, server_log, timeout=SERVER_START_S)
         ctx["idle"] = read_metrics(port)

@@ -133,6 +133,27 @@ def test_profile_configmap_name_is_content_hashed(overlay):
 
 
 
+def test_engine_flags_the_plugin_requires(overlay):
+    """What ``adapter.runtime`` refuses at start-up must not be in the pod's command: vLLM turns prefix caching on
+    by default and HYBRIDKV refuses it; vLLM's CPU attention needs blocks of a multiple of 32 tokens (the CPU
+    overlay; CUDA's default block size works). tests/deploy/test_deploy_live_prometheus.py starts the cpu-demo
+    Deployment's command for real."""
+    name, objs = overlay
+    args = container(objs)["args"]
+    assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
+    if name == "cpu-demo":
+        assert int(flag(args, "--block-size")) % 32 == 0
+
+
+def test_cpu_demo_carries_the_shipped_profile_of_its_model():
+    """The cpu-demo overlay serves the embedded model, whose profile ships with the project: its ConfigMap holds
+    that profile, byte for byte (a re-made shipped profile must be copied here too)."""
+    shipped = (ROOT / "configs/profiles/smollm2-vl.json").read_text()
+    (cm,) = [c for c in by_kind(render("overlays/cpu-demo"), "ConfigMap")
+             if c["metadata"]["name"].startswith("hybridkv-profile")]
+    assert cm["data"]["profile.json"] == shipped
+
+
 def test_plugin_metrics_need_no_multiproc_dir_setting(overlay):
     """The plugin's metrics reach /metrics with nothing set here: in `vllm serve` the plugin turns Prometheus
     multiprocess mode on itself, in a fresh temporary directory per server process that vLLM removes at exit
