@@ -23,12 +23,11 @@ import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
 from hybridkv_vllm.core.selection import SelectionConfig
-from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
+from hybridkv_vllm.eval.harness import VALIDATION, niah_hits
 from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
-VALIDATION = EvalConfig(haystack="/usr/share/common-licenses/GFDL-1.2", niah_depths=(0.25, 0.75), niah_seed=1)
 
 
 def main() -> int:

@@ -65,6 +65,13 @@ class EvalConfig:
                        num_text=1, num_mm=1, gen_tokens=min(self.gen_tokens, 8))
 
 
+#: The validation set (choosing the defaults' free parameters, ``benchmarks/validation_*.py``), kept apart from
+#: the evaluation's prompts (``EvalConfig()``): another haystack (Debian's GFDL-1.2, for the needles and the long
+#: texts), other needle depths and passkeys; the lengths of the first validation run.
+VALIDATION = EvalConfig(haystack="/usr/share/common-licenses/GFDL-1.2", niah_lengths=(1000, 2000, 3400),
+                        niah_depths=(0.25, 0.75), niah_seed=1)
+
+
 def _policies(profile: HeadProfile, cfg: EvalConfig):
     """``[(method, budget, policy)]`` for every compressed method, plus the full-cache policy."""
     selection = SelectionConfig(sub_chunks=cfg.sub_chunks)
@@ -90,6 +97,21 @@ def niah_hits(lm: LoadedModel, full, policies: dict, cfg: EvalConfig) -> tuple[d
     return hits, full_hits, len(prompts)
 
 
+def text_agreement(lm: LoadedModel, full, policies: dict, cfg: EvalConfig) -> tuple[dict, int]:
+    """Mean teacher-forced top-1 agreement with the full cache's greedy continuation over the long-text prompts,
+    for each of ``policies`` (any keys), with the same prompts and measure as :func:`evaluate`:
+    ``(agreement per key, number of prompts)``."""
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prompts = long_text_prompts(count, cfg.text_tokens, path=Path(cfg.haystack))[: cfg.num_text]
+    total = dict.fromkeys(policies, 0.0)
+    for p in prompts:
+        session = Session(lm, encode_chat(lm, p.text), full)
+        ref = session.greedy(full, cfg.gen_tokens, stop_at_eos=False)
+        for key, policy in policies.items():
+            total[key] += top1_agreement(ref.tokens, session.forced(policy, ref.tokens).logits)
+    return {key: value / len(prompts) for key, value in total.items()}, len(prompts)
+
+
 def _kept_fraction(session: Session, policy) -> float:
     counts = session.state_for(policy).kept_counts()
     return float(counts.double().mean()) / session.prompt.prompt_len
@@ -100,7 +122,7 @@ def evaluate(lm: LoadedModel, profile: HeadProfile, cfg: EvalConfig, progress: b
     count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     full, runs = _policies(profile, cfg)
     niah = niah_prompts(count, cfg.niah_lengths, cfg.niah_depths, seed=cfg.niah_seed, path=Path(cfg.haystack))
-    texts = long_text_prompts(count, cfg.text_tokens)[: cfg.num_text]
+    texts = long_text_prompts(count, cfg.text_tokens, path=Path(cfg.haystack))[: cfg.num_text]
     mms = list(MULTIMODAL_EVAL[: cfg.num_mm]) if lm.is_multimodal else []
     total = (len(niah) + len(texts) + len(mms)) * (len(runs) + 1)
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress)

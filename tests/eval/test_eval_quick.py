@@ -1,5 +1,6 @@
 """`hybridkv eval --quick` on tiny-vl: output structure, and `full` is an oracle (agreement 1, KL 0)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,49 @@ def test_bad_budgets_are_rejected(budgets, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "m", "--profile", "p", "--out", "o", "--budgets", budgets])
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_validation_set_is_apart_from_the_eval():
+    """The prompts the defaults were chosen on (``VALIDATION``) share no needle prompt, passkey, depth, haystack
+    or long-text prompt with ``hybridkv eval``'s."""
+    from hybridkv_vllm.eval.harness import VALIDATION, EvalConfig
+    from hybridkv_vllm.eval.prompts import long_text_prompts
+
+    count = lambda text: len(text.split())  # noqa: E731
+    evaluation = EvalConfig()
+    assert Path(VALIDATION.haystack).name != Path(evaluation.haystack).name
+    assert not set(VALIDATION.niah_depths) & set(evaluation.niah_depths)
+    val = niah_prompts(count, VALIDATION.niah_lengths, VALIDATION.niah_depths, VALIDATION.niah_seed,
+                       Path(VALIDATION.haystack))
+    ev = niah_prompts(count, evaluation.niah_lengths, evaluation.niah_depths, evaluation.niah_seed,
+                      Path(evaluation.haystack))
+    assert not {p.passkey for p in val} & {p.passkey for p in ev}
+    val_paras = set(haystack_paragraphs(Path(VALIDATION.haystack)))
+    assert not val_paras & set(haystack_paragraphs(Path(evaluation.haystack)))
+    val_text = long_text_prompts(count, VALIDATION.text_tokens, Path(VALIDATION.haystack))
+    ev_text = long_text_prompts(count, evaluation.text_tokens, Path(evaluation.haystack))
+    assert not {p.text for p in val_text} & {p.text for p in ev_text}
+
+
+def test_text_agreement_is_the_harness_measure(tmp_path):
+    """``text_agreement`` (the validation scripts' measure) gives the full cache 1.0 and a compressed policy what
+    the harness's own rows give it on the same prompts."""
+    from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+    from hybridkv_vllm.eval.harness import EvalConfig, text_agreement
+    from hybridkv_vllm.hf.inputs import load_model
+    from hybridkv_vllm.profiler.synthetic import synthetic_profile
+
+    model = model_dir("tiny-vl")
+    lm = load_model(model)
+    profile = HeadProfile.load(synthetic_profile(tmp_path / "p.json", model, seed=1))
+    cfg = EvalConfig().quick()
+    full = make_policy("full", profile, BudgetConfig(1.0))
+    policies = {"full": full, "hybridkv": make_policy("hybridkv", profile, BudgetConfig(0.1))}
+    agree, n = text_agreement(lm, full, policies, cfg)
+    assert n == cfg.num_text and agree["full"] == 1.0 and 0.0 <= agree["hybridkv"] <= 1.0
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(model), "--profile", str(tmp_path / "p.json"), "--budgets", "0.1",
+                 "--methods", "full,hybridkv", "--out", str(out), "--quick", "--no-progress"]) == 0
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"]
+            if r["task"] == "text" and r["method"] == "hybridkv"]
+    assert agree["hybridkv"] == pytest.approx(sum(r["agreement"] for r in rows) / len(rows))
