@@ -33,8 +33,10 @@ from hybridkv_vllm.profiler.run import REFERENCE_TOKENS, recall_scorer, run_cali
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The settings the committed results were made with (before r and sub_chunks became the validated defaults)
+# The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
+# defaults)
 R = 1.0
+OBS_WINDOW = 32
 WORKLOAD = EvalConfig(niah_lengths=(1000, 2000, 3400))
 THETA, BLOCK = 0.9, 16
 
@@ -82,7 +84,7 @@ def main() -> int:
         budgets = [float(b) for b in args.budgets.split(",")]
         policies = {(f"hybridkv, {name} profile ({int(p.is_static.sum())} static)", f"{BLOCK // sub}-token units", b):
                     make_policy("hybridkv", p, BudgetConfig(b, r=R, block_size=BLOCK),
-                                SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
+                                SelectionConfig(chunk_size=BLOCK, sub_chunks=sub, obs_window=OBS_WINDOW))
                     for name, p in profiles.items() for sub in (1, 2) for b in budgets}
         policies.update({("snapkv", "-", b): make_policy("snapkv", profiles["recall"],
                                                           BudgetConfig(b, r=R, block_size=BLOCK)) for b in budgets})

@@ -21,9 +21,10 @@ from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The settings the committed results were made with (before r and sub_chunks became the validated defaults)
+# The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
+# defaults)
 R = 1.0
-SELECTION = SelectionConfig(sub_chunks=1)
+SELECTION = SelectionConfig(sub_chunks=1, obs_window=32)
 WORKLOAD = EvalConfig(niah_lengths=(1000, 2000, 3400))
 
 

@@ -24,8 +24,10 @@ from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The settings the committed results were made with (before r and sub_chunks became the validated defaults)
+# The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
+# defaults)
 R = 1.0
+OBS_WINDOW = 32
 WORKLOAD = EvalConfig(niah_lengths=(1000, 2000, 3400))
 BLOCK = 16
 
@@ -48,7 +50,8 @@ def main() -> int:
     n_static = int(profile.is_static.sum())
     profiles = {f"shipped profile ({n_static} static)": profile, "all heads dynamic": all_dynamic}
     policies = {(name, sub, budget): make_policy("hybridkv", prof, BudgetConfig(budget, r=R, block_size=BLOCK),
-                                                 SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
+                                                 SelectionConfig(chunk_size=BLOCK, sub_chunks=sub,
+                                                                 obs_window=OBS_WINDOW))
                 for name, prof in profiles.items() for sub in subs for budget in budgets}
     full = make_policy("full", profile, BudgetConfig(1.0, block_size=BLOCK))
     hits, full_hits, n_prompts = niah_hits(lm, full, policies, WORKLOAD)

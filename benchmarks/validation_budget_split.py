@@ -28,6 +28,7 @@ from hybridkv_vllm.hf.inputs import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
+OBS_WINDOW = 32            # the default when this ran (validation_windows.py chose 16 after it)
 
 
 def main() -> int:
@@ -46,7 +47,8 @@ def main() -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     grid = list(itertools.product([int(s) for s in args.subs.split(",")], [float(r) for r in args.rs.split(",")]))
     policies = {(sub, r, b): make_policy("hybridkv", profile, BudgetConfig(b, r=r, block_size=BLOCK),
-                                         SelectionConfig(chunk_size=BLOCK, sub_chunks=sub))
+                                         SelectionConfig(chunk_size=BLOCK, sub_chunks=sub,
+                                                         obs_window=OBS_WINDOW))
                 for sub, r in grid for b in budgets}
     full = make_policy("full", profile, BudgetConfig(1.0, block_size=BLOCK))
     hits, full_hits, n = niah_hits(lm, full, policies, VALIDATION)
