@@ -301,3 +301,42 @@ def test_cpu_selection_equals_the_kernel_reference(seed, sub):
             n = int(k[r, h]) * sub
             assert sorted(got[r, h, :n].tolist()) == want[r, h, :n].tolist()
             assert (want[r, h, n:] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sub", [2, 4])
+def test_cpu_unit_fill_copies_whole_units_in_any_key_layout(dtype, sub):
+    """``CpuKVOps._fill_units`` (runs of contiguous elements found from the ISA's key layout: 8 for ``vec``, 16
+    for ``amx``) against ``read_pages``: every live unit's tokens arrive whole in their hot slot, a head without
+    live slots and every other place keep what they held."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from hybridkv_vllm.adapter import cpu_layout
+    from hybridkv_vllm.adapter.kv_ops import LayerStep
+
+    isa = _get_attn_isa(dtype, BS, D, "auto")
+    ops = CpuKVOps(BS, D, dtype, SelectionConfig(chunk_size=BS, sub_chunks=sub), isa=isa, kv_cache_dtype="auto",
+                   key_perm=cpu_layout.key_layout(isa, dtype, BS, D))
+    g = torch.Generator().manual_seed(sub)
+    pool, cold_pages = torch.zeros(12, 2 * BS, D, dtype=dtype), torch.zeros(9, 2 * BS, D, dtype=dtype)
+    for target in (pool, cold_pages):
+        n = target.shape[0]
+        ops.write_pages(target, torch.arange(n), torch.randn(n, BS, D, generator=g).to(dtype),
+                        torch.randn(n, BS, D, generator=g).to(dtype))
+    before = ops.read_pages(pool, torch.arange(12))
+    k = 3                                                               # unit slots per (row, head)
+    hot = torch.tensor([[[4 * sub + 1, 7 * sub, 2 * sub + sub - 1], [9 * sub, 9 * sub + 1, 3 * sub]]])   # [1, 2, k]
+    src = torch.tensor([[[5 * sub, 0, 8 * sub + sub - 1], [sub + 1, 2, 6 * sub]]])
+    live = torch.tensor([[[True, True, False], [False, False, False]]])    # head 1: no live slot
+    step = LayerStep(None, None, None, None, hot=hot, live=live,
+                     hot_or_first=torch.where(live, hot, hot[..., :1]), every_head_retrieves=False, units=sub, k_max=k)
+    ops._fill_units(pool, SimpleNamespace(pages=cold_pages), step, src)
+    (k_new, v_new), (k_old, v_old) = ops.read_pages(pool, torch.arange(12)), before
+    (k_cold, v_cold) = ops.read_pages(cold_pages, torch.arange(9))
+    u = BS // sub
+    want_k, want_v = k_old.clone(), v_old.clone()
+    for dst_unit, src_unit in zip(hot[live].tolist(), src[live].tolist()):
+        dp, dj, sp, sj = dst_unit // sub, dst_unit % sub, src_unit // sub, src_unit % sub
+        want_k[dp, dj * u:(dj + 1) * u] = k_cold[sp, sj * u:(sj + 1) * u]
+        want_v[dp, dj * u:(dj + 1) * u] = v_cold[sp, sj * u:(sj + 1) * u]
+    assert torch.equal(k_new, want_k) and torch.equal(v_new, want_v)
