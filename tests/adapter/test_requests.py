@@ -2,6 +2,8 @@
 name, and the admission reserves exactly the pages the cold tier will hold, never passing its bound."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -37,7 +39,8 @@ def test_bad_values_are_named(value):
     assert f"vllm_xargs.{XARG_BUDGET}={value!r}" in str(info.value)
 
 
-def test_admission_reserves_what_the_cold_tier_holds_and_stays_under_its_bound():
+def test_admission_reserves_what_the_cold_tier_holds_and_stays_under_its_bound(caplog):
+    caplog.set_level(logging.WARNING, logger="hybridkv")
     budgets = _budgets()
     pb = page_bytes(BS, D, torch.float32)
     prompts = [300, 1000, 640, 2000, 500, 1200]
@@ -64,6 +67,8 @@ def test_admission_reserves_what_the_cold_tier_holds_and_stays_under_its_bound()
     assert [d.bypass for d in decisions.values()] == [None, None, COLD_TIER_FULL, COLD_TIER_FULL,
                                                       COLD_TIER_FULL, COLD_TIER_FULL]
     assert admission.refused == 4 and cold.nbytes == admission.reserved
+    full = [r for r in caplog.records if "cold tier is full" in r.getMessage()]
+    assert len(full) == 1 and "hybridkv.cold_tier_gib" in full[0].getMessage()       # four refused, logged once
     admission.release("r1")
     cold.drop(["r1"])
     assert admission.admit("late", 1000, None).bypass is None                  # room again once r1 finished
