@@ -17,10 +17,8 @@ cache.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,10 +26,11 @@ from hybridkv_vllm.core import BudgetConfig, HeadProfile, ModelIdentity, make_po
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.core.sparsity import SparsityAccumulator
 from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
-from hybridkv_vllm.hf.inputs import load_model
 from hybridkv_vllm.profiler.run import REFERENCE_TOKENS, recall_scorer, run_calibration
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+
+ROOT = study.ROOT
 
 # The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
 # defaults)
@@ -42,15 +41,10 @@ THETA, BLOCK = 0.9, 16
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
-    parser.add_argument("--budgets", default="0.05,0.1")
+    parser = study.parser(__doc__, profile=False)
     parser.add_argument("--skip-niah", action="store_true", help="only the length table")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    lm = load_model(args.model)
+    started, lm, _, budgets = study.start(args)
     ident = ModelIdentity.from_hf_config(lm.model.config)
     accs = {name: SparsityAccumulator(ident.num_layers, ident.num_kv_heads, groups=REFERENCE_TOKENS)
             for name in ("concentration", "recall")}
@@ -81,7 +75,6 @@ def main() -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(mean_static.sum())} |")
         profiles[name] = HeadProfile.from_scores(ident, torch.round(acc.scores(), decimals=6), theta=THETA)
     if not args.skip_niah:
-        budgets = [float(b) for b in args.budgets.split(",")]
         policies = {(f"hybridkv, {name} profile ({int(p.is_static.sum())} static)", f"{BLOCK // sub}-token units", b):
                     make_policy("hybridkv", p, BudgetConfig(b, r=R, block_size=BLOCK),
                                 SelectionConfig(chunk_size=BLOCK, sub_chunks=sub, obs_window=OBS_WINDOW))
@@ -99,10 +92,7 @@ def main() -> int:
     shown = model.relative_to(ROOT) if model.is_relative_to(ROOT) else model
     lines += ["", f"Wall time {time.perf_counter() - started:.0f} s. Command: `HF_HUB_OFFLINE=1 .venv/bin/python "
               f"benchmarks/ablation_head_statistic.py --model {shown} --out {args.out}`"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return study.write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,13 @@ static (theta = 0.0, static budgets weighted by 1 - s), next to the full cache a
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
-
-import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, SelectionConfig, make_policy
 from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
-from hybridkv_vllm.hf.inputs import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+
 
 # The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
 # defaults)
@@ -43,17 +39,9 @@ def variants(profile: HeadProfile, budget: float) -> dict[str, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
-    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
-    parser.add_argument("--budgets", default="0.05,0.1")
-    parser.add_argument("--out", type=Path, required=True)
+    parser = study.parser(__doc__)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    lm = load_model(args.model)
-    profile = HeadProfile.load(args.profile)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    started, lm, profile, budgets = study.start(args)
     policies = {(name, budget): policy for budget in budgets for name, policy in variants(profile, budget).items()}
     hits, full_hits, n_prompts = niah_hits(lm, make_policy("full", profile, BudgetConfig(1.0)), policies, WORKLOAD)
     names = list(variants(profile, budgets[0]))
@@ -64,9 +52,7 @@ def main() -> int:
              "|---|" + "---:|" * len(budgets)]
     lines += [f"| {n} | " + " | ".join(f"{hits[n, b]}/{n_prompts}" for b in budgets) + " |" for n in names]
     lines.append("| full cache | " + " | ".join(f"{full_hits}/{n_prompts}" for _ in budgets) + " |")
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return study.write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,14 @@ and with every head dynamic (theta = 1.0, so that retrieval alone is measured), 
 """
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
-
-import torch
 
 from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.eval.harness import EvalConfig, niah_hits
-from hybridkv_vllm.hf.inputs import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+
 
 # The settings the committed results were made with (before r, sub_chunks and obs_window became the validated
 # defaults)
@@ -33,19 +29,11 @@ BLOCK = 16
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
-    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
-    parser.add_argument("--budgets", default="0.05,0.1")
+    parser = study.parser(__doc__)
     parser.add_argument("--subs", default="1,2,4", help="retrieval units per 16-token block")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    lm = load_model(args.model)
-    profile = HeadProfile.load(args.profile)
+    started, lm, profile, budgets = study.start(args)
     all_dynamic = HeadProfile.from_scores(profile.model, profile.scores, theta=1.0)
-    budgets = [float(b) for b in args.budgets.split(",")]
     subs = [int(s) for s in args.subs.split(",")]
     n_static = int(profile.is_static.sum())
     profiles = {f"shipped profile ({n_static} static)": profile, "all heads dynamic": all_dynamic}
@@ -70,9 +58,7 @@ def main() -> int:
             lines.append(f"| {name} | {unit} tokens | {extra:.0f} B = {extra / (4 * d):.0%} of K+V | "
                          + " | ".join(f"{hits[name, sub, b]}/{n_prompts}" for b in budgets) + " |")
     lines.append("| full cache | - | - | " + " | ".join(f"{full_hits}/{n_prompts}" for _ in budgets) + " |")
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return study.write(args.out, lines)
 
 
 if __name__ == "__main__":

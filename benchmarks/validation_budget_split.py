@@ -13,38 +13,26 @@ summaries in the cold tier and fewer scores per step; then r = 1).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import platform
 import time
-from pathlib import Path
 
-import torch
-
-from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+from hybridkv_vllm.core import BudgetConfig, make_policy
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.eval.harness import VALIDATION, niah_hits
-from hybridkv_vllm.hf.inputs import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+
 BLOCK = 16
 OBS_WINDOW = 32            # the default when this ran (validation_windows.py chose 16 after it)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
-    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
-    parser.add_argument("--budgets", default="0.05,0.1")
+    parser = study.parser(__doc__)
     parser.add_argument("--subs", default="1,2")
     parser.add_argument("--rs", default="0.5,1,2")
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    lm = load_model(args.model)
-    profile = HeadProfile.load(args.profile)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    started, lm, profile, budgets = study.start(args)
     grid = list(itertools.product([int(s) for s in args.subs.split(",")], [float(r) for r in args.rs.split(",")]))
     policies = {(sub, r, b): make_policy("hybridkv", profile, BudgetConfig(b, r=r, block_size=BLOCK),
                                          SelectionConfig(chunk_size=BLOCK, sub_chunks=sub,
@@ -68,10 +56,7 @@ def main() -> int:
     lines += ["", f"Chosen: `sub_chunks` {best[0]} ({BLOCK // best[0]}-token units at 16-token blocks), "
                   f"`r` {best[1]:g}.",
               f"Wall time {time.perf_counter() - started:.0f} s."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return study.write(args.out, lines)
 
 
 if __name__ == "__main__":

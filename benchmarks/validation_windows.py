@@ -14,20 +14,16 @@ change).
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 
-import torch
-
-from hybridkv_vllm.core import BudgetConfig, HeadProfile, make_policy
+from hybridkv_vllm.core import BudgetConfig, make_policy
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.eval.harness import VALIDATION, niah_hits, text_agreement
-from hybridkv_vllm.hf.inputs import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+import study
+
 BLOCK = 16
 #: (parameter, candidate values other than the default); BudgetConfig's or SelectionConfig's field names
 CANDIDATES = [("floor_blocks", (1, 4)), ("sink_chunks", (2,)), ("sink_tokens", (16,)), ("recent_chunks", (2,)),
@@ -42,17 +38,9 @@ def configs(name: str, value) -> tuple[BudgetConfig, SelectionConfig]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "smollm2-vl")
-    parser.add_argument("--profile", type=Path, default=ROOT / "configs" / "profiles" / "smollm2-vl.json")
-    parser.add_argument("--budgets", default="0.05,0.1,0.2")
-    parser.add_argument("--out", type=Path, required=True)
+    parser = study.parser(__doc__, budgets="0.05,0.1,0.2")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    lm = load_model(args.model)
-    profile = HeadProfile.load(args.profile)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    started, lm, profile, budgets = study.start(args)
     default_budget, default_selection = BudgetConfig(1.0, block_size=BLOCK), SelectionConfig(chunk_size=BLOCK)
     grid = [("default", None)] + [(name, v) for name, values in CANDIDATES for v in values]
     policies = {}
@@ -88,10 +76,7 @@ def main() -> int:
     lines += ["", "Chosen: " + ("the defaults (no candidate did better)" if best[1] is None
                                 else f"`{best[0]}` {best[1]} (default {default_of[best[0]]})") + ".",
               f"Wall time {time.perf_counter() - started:.0f} s."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return study.write(args.out, lines)
 
 
 if __name__ == "__main__":
