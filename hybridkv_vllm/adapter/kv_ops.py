@@ -8,7 +8,8 @@ operation              ``CpuKVOps`` (vLLM's CPU build)                      ``Tr
 =====================  ===================================================  ==========================================
 ``write``              ``cpu_attn_reshape_and_cache``, all heads, one call  row-major pages, two index writes
 ``attend``             ``cpu_attention_with_kv_cache``, all heads, one      decode rows: ``sparse_decode`` (one
-                       call (each (head, row) pair is one kernel row)       launch); prefill rows: the core reference
+                       call (each (head, row) pair is one kernel row)       launch); prefill rows: vLLM's
+                                                                            ``unified_attention`` (one launch)
 ``read`` / ``write_``  torch through the ISA's key permutation              torch (row-major)
 ``pages``
 ``select``             ``chunk_scoring`` reference (vectorised torch)       ``chunk_scoring`` Triton kernels
@@ -35,7 +36,6 @@ import torch
 
 import hybridkv_kernels as hk
 from hybridkv_vllm.core.hot_buffer import assign_slots
-from hybridkv_vllm.core.reference import dense_attention
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.core.step_plan import StepPlan
 
@@ -410,8 +410,8 @@ class CpuKVOps(KVOps):
 class TritonKVOps(KVOps):
     """The project's Triton kernels (``TRITON_INTERPRET=1`` runs them on the CPU). Pages are row-major: K rows
     ``[bs, D]`` then V rows. Decode rows attend with ``sparse_decode`` over every (row, head)'s block list in one
-    launch; rows with several query tokens (prefill) attend through the core reference (vLLM's own Triton
-    prefill kernel takes that part on a GPU)."""
+    launch; rows with several query tokens (prefill) attend densely through vLLM's own Triton kernel
+    (``vllm_triton``), every (head, row) pair one of its sequences."""
 
     name = "triton"
     backend = "triton"
@@ -440,13 +440,43 @@ class TritonKVOps(KVOps):
             hk.sparse_decode.run(query[tokens], k, v, pages[:, rows].transpose(0, 1).to(torch.int32),
                                  seq_lens[:, rows].transpose(0, 1).contiguous(), scale, out, backend="triton")
             output[tokens] = out
-        for r in plan.prefill_rows:                                  # prefill: once per prompt chunk
-            row = plan.rows[r]
-            count = (row.seq_len + self.block_size - 1) // self.block_size
-            kr, vr = self.read_pages(pool, pages[:, r, :count])
-            kr = kr.reshape(h, -1, d)[:, :row.seq_len].transpose(0, 1)            # [S, H, D]
-            vr = vr.reshape(h, -1, d)[:, :row.seq_len].transpose(0, 1)
-            output[row.q_start:row.q_end] = dense_attention(query[row.q_start:row.q_end], kr, vr, scale)
+        if plan.prefill_rows:                                        # prefill: once per prompt chunk
+            self._prefill(plan, heads, pool, query, pages, seq_lens, scale, output)
+
+    def _prefill_rows(self, plan: StepPlan, heads: LayerHeads, device):
+        """Per step and tier signature: the prefill rows' query tokens and the ``H x P`` virtual sequences' query
+        starts (head-major), from the plan's host rows: no device read."""
+        key = ("vllm_prefill", heads.signature)
+        if key not in plan.cache:
+            h, rows = len(heads.signature), [plan.rows[r] for r in plan.prefill_rows]
+            tokens = [t for row in rows for t in range(row.q_start, row.q_end)]
+            lens = [row.q_end - row.q_start for row in rows]
+            starts = [0]
+            for _ in range(h):
+                for n in lens:
+                    starts.append(starts[-1] + n)
+            plan.cache[key] = (torch.tensor(tokens).to(device, non_blocking=True),
+                               torch.tensor(plan.prefill_rows).to(device, non_blocking=True),
+                               torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
+                               max(lens), max(row.seq_len for row in rows))
+        return plan.cache[key]
+
+    def _prefill(self, plan, heads, pool, query, pages, seq_lens, scale, output) -> None:
+        """Rows with several query tokens attend densely through vLLM's own Triton kernel (``vllm_triton``): every
+        (KV head, row) pair is one of its sequences, with ``num_kv_heads = 1`` over the page array."""
+        from hybridkv_vllm.adapter.vllm_triton import unified_attention
+        h, (_, hq, d) = pages.shape[0], query.shape
+        g, bs = hq // h, self.block_size
+        tokens, rows, starts, max_q, max_k = self._prefill_rows(plan, heads, query.device)
+        m = tokens.numel()
+        q = query[tokens].view(m, h, g, d).transpose(0, 1).reshape(h * m, g, d)
+        out = torch.empty_like(q)
+        unified_attention()(
+            q=q, k=pool[:, :bs, None, :], v=pool[:, bs:, None, :], out=out, cu_seqlens_q=starts, max_seqlen_q=max_q,
+            seqused_k=seq_lens[:, rows].reshape(-1).to(torch.int32), max_seqlen_k=max_k, softmax_scale=scale,
+            causal=True, window_size=(-1, -1), block_table=pages[:, rows].reshape(h * rows.numel(), -1).to(torch.int32),
+            softcap=0, q_descale=None, k_descale=None, v_descale=None)
+        output[tokens] = out.view(h, m, g, d).transpose(0, 1).reshape(m, hq, d).to(output.dtype)
 
     def read_pages(self, pool, pages):
         bs = self.block_size

@@ -23,7 +23,7 @@ import hybridkv_kernels as hk
 from hybridkv_vllm.adapter.cold_tier import ColdTier
 from hybridkv_vllm.adapter.executor import run_layer
 from hybridkv_vllm.adapter.kv_ops import CpuKVOps, LayerHeads, TritonKVOps, plan_layers
-from hybridkv_vllm.core.reference import sparse_decode_attention
+from hybridkv_vllm.core.reference import dense_attention, sparse_decode_attention
 from hybridkv_vllm.core.selection import SelectionConfig, chunk_summaries, score_chunks, select_chunks
 from hybridkv_vllm.core.step_plan import StepPlan, plan_rows, rewrite_group
 
@@ -32,6 +32,8 @@ KEPT = [3, 2, 4]                         # blocks kept by tier t = head t
 DYNAMIC, STATIC = [0, 2], [1]
 SCALE = D ** -0.5
 SEL = SelectionConfig(chunk_size=BS)
+# the CPU implementation is vLLM's CPU kernels (marked: the GPU check machine has no vLLM)
+KINDS = [pytest.param("cpu", marks=pytest.mark.vllm), "triton"]
 
 
 class Layer:
@@ -130,7 +132,7 @@ def expected(q, plan, k_all, v_all, kept_positions, sel: SelectionConfig = SEL):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kind", ["cpu", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sub", [1, 2, 4])
 def test_decode_step_equals_the_core_reference(kind, sub):
     """``sub``: retrieval units per block (finer units are copied piecewise into the hot blocks)."""
@@ -146,6 +148,65 @@ def test_decode_step_equals_the_core_reference(kind, sub):
                   loads)
         torch.testing.assert_close(out, expected(q, plan, k_all, v_all, kept_positions, sel), atol=2e-5, rtol=1e-4)
     assert int(loads) > 0                          # chunks were swapped in from the cold tier
+
+
+@pytest.mark.triton
+@pytest.mark.vllm                           # both implementations: the Triton one's prefill is vLLM's own kernel
+@pytest.mark.parametrize("kind", ["cpu", "triton"])
+def test_prefill_and_decode_rows_of_one_step_attend_densely_like_the_core(kind, monkeypatch):
+    """A step of rows the scheduler mixes: a whole prompt, a chunk continuing an earlier one, a decode row and a
+    short prompt, over three tiers with their own tables. Every query token attends causally over its row's keys
+    (``core.reference.dense_attention``); the Triton implementation's prefill rows go through vLLM's own kernel."""
+    ops = make_ops(kind)
+    launches = []
+    if kind == "triton":
+        from hybridkv_vllm.adapter import vllm_triton
+        kernel = vllm_triton.unified_attention()
+        monkeypatch.setattr(vllm_triton, "unified_attention",
+                            lambda: lambda **kw: (launches.append(kw["q"].shape), kernel(**kw)))
+    g = torch.Generator().manual_seed(11)
+    heads = heads_of_layer()
+    pool = torch.randn(H * NB, 2 * BS, D, generator=g)                   # garbage until written
+    computed, seq_lens = [0, 64, 59, 0], [70, 104, 60, 33]               # rows: tokens cached before, after
+    qsl = [0]
+    for c, s in zip(computed, seq_lens):
+        qsl.append(qsl[-1] + s - c)
+    n = qsl[-1]
+    width = max(-(-s // BS) for s in seq_lens)
+    tables = torch.stack([(torch.randperm(NB - 1, generator=g)[:len(seq_lens) * width] + 1).view(len(seq_lens),
+                                                                                              width).int()
+                          for _ in range(H)])
+    k_all = [torch.randn(s, H, D, generator=g) for s in seq_lens]
+    v_all = [torch.randn(s, H, D, generator=g) for s in seq_lens]
+    for r, c in enumerate(computed):                                     # earlier steps' tokens, whole blocks
+        for h in range(H):
+            blocks = -(-c // BS)
+            if blocks:
+                pos = torch.arange(blocks * BS).clamp(max=c - 1)
+                ops.write_pages(pool, heads.base[h] + tables[h, r, :blocks].long(),
+                                k_all[r][pos, h].view(-1, BS, D), v_all[r][pos, h].view(-1, BS, D))
+    rows = plan_rows([f"r{r}" for r in range(len(seq_lens))], [70, 104, 50, 33], qsl, seq_lens, BS, 2, 4096)
+    plan = StepPlan(rows, n, torch.tensor(qsl, dtype=torch.int32), BS)
+    positions = torch.cat([torch.arange(c, s) for c, s in zip(computed, seq_lens)])
+    row_of = torch.cat([torch.full((s - c,), r) for r, (c, s) in enumerate(zip(computed, seq_lens))])
+    for t in range(H):
+        slots = tables[t][row_of, positions // BS].long() * BS + positions % BS
+        plan.add_group(t, rewrite_group(rows, tables[t], torch.tensor(seq_lens, dtype=torch.int32), slots,
+                                        lambda p, budget: None, BS))
+    plan.finalize(H, lambda req_id: None)
+    assert plan.prefill_rows == [0, 1, 3] and plan.decode is None
+    new_kv = tuple(torch.stack([x[r][p] for r, p in zip(row_of.tolist(), positions.tolist())]) for x in (k_all, v_all))
+    q = torch.randn(n, H * G, D, generator=g)
+    out = torch.zeros_like(q)
+    run_layer(ops, plan, heads, plan_layers(plan, [heads], None, SEL)[0], pool, None, q, new_kv, out, SCALE, Layer,
+              torch.zeros((), dtype=torch.long))
+    for r, (c, s) in enumerate(zip(computed, seq_lens)):
+        for i, p in enumerate(range(c, s)):
+            t = qsl[r] + i
+            ref = dense_attention(q[t:t + 1], k_all[r][:p + 1], v_all[r][:p + 1], SCALE)
+            torch.testing.assert_close(out[t:t + 1], ref, atol=2e-5, rtol=1e-4, msg=f"row {r} position {p}")
+    if kind == "triton":      # one launch of vLLM's kernel: every (head, prefill row) pair one of its sequences
+        assert launches == [(H * (70 + 40 + 33), G, D)]
 
 
 class Guard(TorchDispatchMode):
@@ -201,6 +262,7 @@ def record_triton_launches(monkeypatch):
     monkeypatch.setattr(hk.chunk_scoring, "launch", select)
 
 
+@pytest.mark.vllm
 @pytest.mark.triton
 def test_cpu_layer_step_never_reads_the_host_and_issues_the_same_ops_for_one_row_and_three(monkeypatch):
     from vllm import _custom_ops
@@ -222,7 +284,7 @@ def test_triton_layer_step_never_reads_the_host_and_issues_the_same_ops_for_one_
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kind", ["cpu", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sub", [1, 4])
 def test_summaries_equal_the_core(kind, sub):
     ops = make_ops(kind, SelectionConfig(chunk_size=BS, sub_chunks=sub))
@@ -239,7 +301,7 @@ def test_summaries_equal_the_core(kind, sub):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("kind", ["cpu", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_compaction_moves_the_kept_tokens_to_the_first_blocks(kind):
     ops = make_ops(kind)
     pool = torch.randn(2 * NB, 2 * BS, D)
@@ -258,6 +320,7 @@ def test_compaction_moves_the_kept_tokens_to_the_first_blocks(kind):
         torch.testing.assert_close(got_v.reshape(-1, D), v[h, kept[h, :n]])
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("sub", [1, 4])
 @pytest.mark.parametrize("seed", range(3))
 def test_cpu_selection_equals_the_kernel_reference(seed, sub):
@@ -303,6 +366,7 @@ def test_cpu_selection_equals_the_kernel_reference(seed, sub):
             assert (want[r, h, n:] == -1).all()
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sub", [2, 4])
 def test_cpu_unit_fill_copies_whole_units_in_any_key_layout(dtype, sub):

@@ -23,8 +23,9 @@ BUDGET, BS, MIN_PROMPT, NEW_TOKENS = 0.3, 32, 64, 6
 
 
 @pytest.mark.parametrize("sub", [1, 4])
-def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, sub):
-    """``sub``: retrieval units per 32-token block (4: 8-token units, copied piecewise by the swap-in kernel)."""
+def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, sub, monkeypatch):
+    """``sub``: retrieval units per 32-token block (4: 8-token units, copied piecewise by the swap-in kernel).
+    The prompt attends through vLLM's own Triton kernel (``adapter/vllm_triton.py``), once per decoder layer."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("run with TRITON_INTERPRET=1 (make test sets it)")
     if not (TINY / "config.json").exists():
@@ -45,10 +46,15 @@ def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, s
     del lm
     gc.collect()
 
+    from hybridkv_vllm.adapter import vllm_triton
+    kernel, prefill_launches = vllm_triton.unified_attention(), []
+    monkeypatch.setattr(vllm_triton, "unified_attention",
+                        lambda: lambda **kw: (prefill_launches.append(kw["max_seqlen_q"]), kernel(**kw)))
     llm = make_llm(TINY, {"profile": str(profile_path), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
                           "kv_ops": "triton", "sub_chunks": sub},
                    max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
     loads_before = metrics.get_metrics().chunk_loads._value.get()
+    prefill_launches.clear()                                        # start-up's dummy runs are not the request
     try:
         got = llm.chat([{"role": "user", "content": text}],
                        SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))[0]
@@ -56,6 +62,9 @@ def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, s
         assert len(got.prompt_token_ids) > 4 * BS
         assert_greedy_matches(list(got.outputs[0].token_ids), decoded.tokens.tolist(), decoded.logits, "triton")
         assert metrics.get_metrics().chunk_loads._value.get() > loads_before
+        layers = len(profile.layers)
+        assert len(prefill_launches) >= layers and len(prefill_launches) % layers == 0
+        assert sum(prefill_launches[::layers]) == len(got.prompt_token_ids)     # every prompt token, once per layer
     finally:
         del llm
         gc.collect()
