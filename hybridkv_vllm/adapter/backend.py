@@ -70,7 +70,10 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HybridKVMetadata:
         cm = common_attn_metadata
-        plan = self.runtime.plan_for(cm.query_start_loc_cpu, cm.seq_lens, cm.num_reqs, cm.num_actual_tokens)
+        # the rows' lengths on the host: vLLM's host copy (exact without speculative decoding, which is refused),
+        # else the device tensor read once per step
+        host_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+        plan = self.runtime.plan_for(cm.query_start_loc_cpu, host_lens, cm.num_reqs, cm.num_actual_tokens)
         if not plan.has_group(self.tier):        # a tier's layers may form several attention groups: one table
             plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
                                                     self._kept_blocks, self.spec.block_size))
@@ -205,7 +208,7 @@ class HybridKVImpl(AttentionImpl):
         kv = None if key is None else (key[:n].view(n, h, d), value[:n].view(n, h, d))
         step = self.runtime.layer_step(plan, self.heads)
         run_layer(self.ops, plan, self.heads, step, pool, self.runtime.cold, q, kv,
-                  output[:n].view(n, h * self.group, d), self.scale, layer, self.runtime.loads)
+                  output[:n].view(n, h * self.group, d), self.scale, layer, self.runtime.loads.value)
         if plan.prefill_rows or plan.completing:
             self._prompt_work(plan, step, pool, q)
         return output

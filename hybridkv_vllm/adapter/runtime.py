@@ -21,6 +21,7 @@ from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
 from hybridkv_vllm.adapter.cold_tier import ColdTier, ColdTierFull, page_bytes
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
+from hybridkv_vllm.adapter.device_counter import DeviceCounter
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
 from hybridkv_vllm.adapter.requests import Admission, RequestSetting
 from hybridkv_vllm.adapter.static_heads import ObservationStash
@@ -91,7 +92,7 @@ class HybridKVRuntime:
                     self.cold_index[layer][head] = len(dynamic_tiers)
                     dynamic_tiers.append(self.tiers.tier_of[layer][head])
         self.dynamic_tiers = torch.tensor(dynamic_tiers, dtype=torch.long)
-        self.loads = torch.zeros((), dtype=torch.long)       # chunks swapped in, summed on the device
+        self.loads = DeviceCounter("cpu")                    # chunks swapped in, summed on the device
         self.layers: dict[int, LayerHeads] = {}              # bound layers (backend.py)
         self.bind_cold_tier(self.profile.model.head_dim, self.kv_dtype, "cpu")
 
@@ -101,7 +102,7 @@ class HybridKVRuntime:
             self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device,
                                  pages_on_host=self.config.cold_tier_memory == "host",
                                  units=self.selection.sub_chunks)
-            self.loads = torch.zeros((), dtype=torch.long, device=device)
+            self.loads = DeviceCounter(device)
         return self.cold
 
     def publish(self, rows: list[RowContext]) -> None:
@@ -111,8 +112,8 @@ class HybridKVRuntime:
 
     def plan_for(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int,
                  num_tokens: int) -> StepPlan:
-        """The step plan of the batch being built (made by the first KV-cache group's builder; ``seq_lens`` is read
-        to the host once per step)."""
+        """The step plan of the batch being built (made by the first KV-cache group's builder from host lists;
+        ``seq_lens``: vLLM's host copy where it has one, else read to the host once per step)."""
         if self.step is None or self._step_batch is not self.batch:
             cfg, rows = self.config, self.batch.rows
             settings = [rows[r].setting if r < len(rows) else RequestSetting() for r in range(num_reqs)]
@@ -148,9 +149,8 @@ class HybridKVRuntime:
             cold.ensure_hot_width(plan.decode.k_max * sub)
             dyn_k = plan.decode.k_host[self.dynamic_tiers]                           # [Hdyn, Rr]
             self.accounting.chunks_scored += int(((dyn_k > 0) * plan.decode.chunks_host).sum()) * sub
-        loads = int(self.loads)
+        loads = self.loads.drain()                      # on CUDA: a step or more late, never waiting
         if loads:
-            self.loads.zero_()
             self.accounting.chunk_loads += loads
             self.accounting.swap_in_bytes += loads * cold.page_kv_bytes // cold.units     # loads count units
         self.accounting.observe(self.batch, plan.rows, cold.nbytes)
