@@ -9,7 +9,7 @@ Sections (each records its own failure with the traceback; the others still run)
 
 1. environment: device, driver / CUDA versions, torch / triton / python, date, command line;
 2. the project's tests: ``tests/kernels`` natively (``TRITON_INTERPRET=0``) and ``tests/core`` +
-   ``tests/adapter/test_executor.py`` (CPU tensors, so Triton's interpreter) + ``test_device_counter.py`` (its CUDA
+   ``tests/adapter/test_executor.py`` (CPU tensors, so Triton's interpreter) + ``test_device_sync.py`` (its CUDA
    test: the metrics counter read through pinned memory without a sync), vLLM-only tests deselected;
 3. the decode layer step at Qwen2.5-VL-7B attention shapes through the product's own path
    (``adapter.executor.run_layer`` with ``TritonKVOps``), against dense paged decode and the PyTorch reference;
@@ -394,7 +394,7 @@ def section_tests(sec: Section, dry: bool, shim: str | None, deadline: float, ca
                ["tests/kernels/test_text_prior.py"] if dry else ["tests/kernels"], caps[0]),
               ("core + executor", "1",
                ["tests/adapter/test_executor.py"] if dry else
-               ["tests/core", "tests/adapter/test_executor.py", "tests/adapter/test_device_counter.py"],
+               ["tests/core", "tests/adapter/test_executor.py", "tests/adapter/test_device_sync.py"],
                caps[1])]
     rows, failed = [], []
     for name, interpret, paths, cap in groups:

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridkv_vllm.adapter.device_sync import KeepAlive
+
 
 @dataclass
 class ColdEntry:
@@ -63,6 +65,8 @@ class ColdTier:
         self.max_bytes, self.device = max_bytes, torch.device(device)
         self.pages_device = torch.device("cpu") if pages_on_host else self.device
         self.pinned = pages_on_host and self.device.type == "cuda"
+        # pinned pages that a grown array replaced, held while the last steps' kernels may still read them
+        self.retired = KeepAlive(torch.cuda.Event if self.pinned else None)
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
         self.page_bytes = page_bytes(block_size, head_dim, dtype, units)
         self.pages = self._new_pages(0)
@@ -89,6 +93,7 @@ class ColdTier:
         grow = new - have
         pages = self._new_pages(new)
         pages[:have].copy_(self.pages)
+        self.retired.retire(self.pages)
         self.pages = pages
         self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow * self.units, self.head_dim)])
         self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow * self.units, self.head_dim)])

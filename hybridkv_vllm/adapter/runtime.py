@@ -21,7 +21,7 @@ from hybridkv_vllm.adapter import metrics
 from hybridkv_vllm.adapter.accounting import StepAccounting
 from hybridkv_vllm.adapter.cold_tier import ColdTier, ColdTierFull, page_bytes
 from hybridkv_vllm.adapter.config import HybridKVConfig, parse_config
-from hybridkv_vllm.adapter.device_counter import DeviceCounter
+from hybridkv_vllm.adapter.device_sync import DeviceCounter
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
 from hybridkv_vllm.adapter.requests import Admission, RequestSetting
 from hybridkv_vllm.adapter.static_heads import ObservationStash

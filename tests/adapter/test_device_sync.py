@@ -1,4 +1,4 @@
-"""adapter/device_counter.py: what the step's kernels add reaches the host exactly once, and on the lagged path
+"""adapter/device_sync.py: what the step's kernels add reaches the host exactly once, and on the lagged path
 (CUDA) without waiting: a drain never returns a copy whose event has not completed. Runs without vLLM (the GPU check
 runs it natively, where ``cuda`` is the real event)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from hybridkv_vllm.adapter.device_counter import DeviceCounter
+from hybridkv_vllm.adapter.device_sync import DeviceCounter, KeepAlive
 
 
 class ManualEvent:
@@ -72,3 +72,39 @@ def test_cuda_drain_delivers_every_count_through_pinned_memory():
     torch.cuda.synchronize()
     total -= c.drain()
     assert total == -sum(range(1, 50))
+
+
+def test_keep_alive_holds_a_retired_tensor_until_its_event_completed():
+    ManualEvent.made.clear()
+    keep = KeepAlive(ManualEvent)
+    a, b = torch.zeros(4), torch.ones(4)
+    keep.retire(a)
+    keep.retire(b)
+    assert len(keep) == 2
+    ManualEvent.made[0].done = True                      # the device finished what was queued before a's retirement
+    keep.collect()
+    assert len(keep) == 1 and keep._held[0][0] is b
+    ManualEvent.made[1].done = True
+    keep.retire(torch.zeros(1))                          # retiring collects the completed ones first
+    assert len(keep) == 1
+
+
+def test_keep_alive_without_asynchronous_work_holds_nothing():
+    keep = KeepAlive(None)
+    keep.retire(torch.zeros(4))
+    assert len(keep) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned pages need a GPU")
+def test_a_growing_pinned_cold_tier_keeps_its_replaced_pages_until_the_device_is_past_them():
+    from hybridkv_vllm.adapter.cold_tier import ColdTier
+    cold = ColdTier(16, 64, torch.bfloat16, 2, device="cuda", pages_on_host=True)
+    assert cold.pinned and cold.pages.is_pinned()
+    first = cold.admit("a", 40, torch.tensor([2, 2]))
+    before = cold.pages.clone()
+    cold.admit("b", 200, torch.tensor([2, 2]))           # grows the page array
+    assert cold.pages.is_pinned() and len(cold.retired) >= 1
+    assert torch.equal(cold.pages[:before.shape[0]], before)
+    torch.cuda.synchronize()
+    cold.retired.collect()
+    assert len(cold.retired) == 0 and first == cold.slot_of("a")

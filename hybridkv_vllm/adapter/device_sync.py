@@ -1,5 +1,7 @@
-"""A count summed on the device by the layers of a step (chunks swapped in) and read on the host for metrics,
-without making the host wait for the device.
+"""Host-side bookkeeping of work the device may still be doing, so that the host never has to wait for it.
+
+:class:`DeviceCounter`: a count summed on the device by the layers of a step (chunks swapped in) and read on the
+host for metrics.
 
 On a CPU a read costs nothing: :meth:`DeviceCounter.drain` returns the count and zeroes it. On CUDA reading a
 device scalar (``int(t)``) waits for every kernel queued before it, once per step, which would stall the stream
@@ -7,6 +9,11 @@ that the step plan otherwise never waits on (``docs/DESIGN.md`` §6.2). There ``
 into pinned host memory, zeroes it (both ordered on the stream after the step's kernels) and records an event; a
 later ``drain`` returns that copy once the event has completed, and queues the next copy only then, so the count
 keeps growing on the device meanwhile: the figures arrive a step or more late, and nothing is lost or counted twice.
+
+:class:`KeepAlive`: host memory the device may still read. The cold tier's pinned pages are read by kernels through
+unified addressing, which PyTorch's pinned-memory cache does not track (it tracks ``copy_`` only): a page array
+replaced by a larger one while the last step's swap-in may still run would go back to the cache, and could be
+handed out and overwritten under that kernel. It is kept until an event recorded at its retirement has completed.
 """
 from __future__ import annotations
 
@@ -50,3 +57,26 @@ class DeviceCounter:
         self._pending = self._event_factory()
         self._pending.record()
         return count
+
+
+class KeepAlive:
+    """Tensors retired while queued device work may still read them, each held until its event completed."""
+
+    def __init__(self, event_factory: Callable[[], object] | None) -> None:
+        self._event_factory = event_factory
+        self._held: list[tuple[torch.Tensor, object]] = []
+
+    def retire(self, tensor: torch.Tensor) -> None:
+        self.collect()
+        if self._event_factory is None:
+            return                               # nothing runs asynchronously: the tensor may go at once
+        event = self._event_factory()
+        event.record()
+        self._held.append((tensor, event))
+
+    def collect(self) -> None:
+        """Let go of the tensors whose events completed."""
+        self._held = [(t, e) for t, e in self._held if not e.query()]
+
+    def __len__(self) -> int:
+        return len(self._held)
