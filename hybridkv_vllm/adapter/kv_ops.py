@@ -267,7 +267,7 @@ class CpuKVOps(KVOps):
                  key_perm: torch.Tensor) -> None:
         super().__init__(block_size, head_size, dtype, selection)
         self.isa, self.kv_cache_dtype, self.key_perm = isa, kv_cache_dtype, key_perm
-        self.unit_runs = self._unit_runs(selection.sub_chunks)      # made here: it reads values on the host
+        self.key_runs = self._key_runs(selection.sub_chunks)        # made here: it reads values on the host
 
     def _kv(self, pool):
         bs = self.block_size
@@ -317,44 +317,51 @@ class CpuKVOps(KVOps):
         loads += step.live_count
 
     def _fill_units(self, pool, cold, step: LayerStep, src) -> None:
-        """Units finer than a page: copy each unit's K and V elements (their places inside a page, keys in the
-        ISA's layout), in runs of contiguous elements (``_unit_runs``), from its cold page into its hot slot's
-        place in the pool. Shapes are fixed by the plan (no host-dependent mask): a dead slot repeats its head's
-        slot 0, and a head without live slots writes its own elements back."""
-        s = step.units
-        runs, length = self.unit_runs                                               # [s, R], L
+        """Units finer than a page: copy each unit's K and V elements from its cold page into its hot slot's place
+        in the pool, as rows of flat views gathered with ``index_select`` and written with ``index_copy_`` (several
+        times faster here than advanced indexing). V rows are token-major, so a unit's values are one row of the
+        pages viewed ``[-1, bs / units * D]``; its keys sit where the ISA's layout puts them, rows of the pages
+        viewed ``[-1, L]`` (``_key_runs``). Shapes are fixed by the plan (no host-dependent mask): a dead slot
+        repeats its head's slot 0, and a head without live slots writes its own elements back."""
+        s, bs, d = step.units, self.block_size, self.head_size
+        runs, length = self.key_runs                                                # [s, R], L
         dst, src = step.hot_or_first, torch.where(step.live, src, src[..., :1])
-        flat_pool = pool.view(pool.shape[0], -1, length)
-        flat_cold = cold.pages.view(cold.pages.shape[0], -1, length)
-        at_dst = (torch.div(dst, s, rounding_mode="floor")[..., None], runs[dst.remainder(s)])
-        values = flat_cold[torch.div(src, s, rounding_mode="floor")[..., None], runs[src.remainder(s)]]
+        dst_page, dst_unit = torch.div(dst, s, rounding_mode="floor"), dst.remainder(s)
+        src_page, src_unit = torch.div(src, s, rounding_mode="floor"), src.remainder(s)
+        k_rows = 2 * bs * d // length                                               # rows of L per page
+        k_dst = (dst_page[..., None] * k_rows + runs[dst_unit]).reshape(-1)
+        k_src = (src_page[..., None] * k_rows + runs[src_unit]).reshape(-1)
+        v_dst = (dst_page * (2 * s) + s + dst_unit).reshape(-1)
+        v_src = (src_page * (2 * s) + s + src_unit).reshape(-1)
+        pool_k, cold_k = pool.view(-1, length), cold.pages.view(-1, length)
+        pool_v, cold_v = pool.view(-1, bs // s * d), cold.pages.view(-1, bs // s * d)
+        keys, values = cold_k.index_select(0, k_src), cold_v.index_select(0, v_src)
         if not step.every_head_retrieves:
-            values = torch.where(step.live[..., :1, None, None], values, flat_pool[at_dst])
-        flat_pool[at_dst] = values
+            live = step.live[..., :1]
+            keys = torch.where(live[..., None].expand(*dst.shape, runs.shape[1]).reshape(-1, 1), keys,
+                               pool_k.index_select(0, k_dst))
+            values = torch.where(live.expand(dst.shape).reshape(-1, 1), values, pool_v.index_select(0, v_dst))
+        pool_k.index_copy_(0, k_dst, keys)
+        pool_v.index_copy_(0, v_dst, values)
 
-    def _unit_runs(self, s: int) -> tuple[torch.Tensor, int]:
-        """Unit ``j``'s elements of a flattened page as runs of ``L`` contiguous, ``L``-aligned elements:
+    def _key_runs(self, s: int) -> tuple[torch.Tensor, int]:
+        """Unit ``j``'s key elements of a flattened page as runs of ``L`` contiguous, ``L``-aligned elements:
         ``(rows [s, R], L)`` with rows of the page viewed ``[-1, L]``. Element ``i`` of every unit's sorted run
         list must be the same (token, channel) of that unit, so that units copy onto one another; the longest
         such ``L`` (8 for the ``vec`` ISA's channel-major keys and 8-token units) cuts the indices ``L``-fold."""
-        pos = self._unit_positions(s)                                              # [s, 2 u D], logical order
+        bs, d = self.block_size, self.head_size
+        ud = bs // s * d
+        pos = torch.stack([self.key_perm[j * ud:(j + 1) * ud] for j in range(s)])  # [s, u D], logical order
         order = pos.argsort(dim=1)
         if bool((order == order[:1]).all()):                   # one logical order of the sorted places
             ordered = pos.gather(1, order)
             for length in (64, 32, 16, 8, 4, 2):
-                if ordered.shape[1] % length:
+                if ordered.shape[1] % length or ud % length:
                     continue
                 r = ordered.view(s, -1, length)
                 if bool((r[..., 0] % length == 0).all()) and bool((r == r[..., :1] + torch.arange(length)).all()):
                     return torch.div(r[..., 0], length, rounding_mode="floor"), length
         return pos, 1
-
-    def _unit_positions(self, s: int) -> torch.Tensor:
-        """Offsets inside a flattened page of unit ``j``'s K elements (through the key layout) and V elements."""
-        bs, d = self.block_size, self.head_size
-        ud = bs // s * d
-        return torch.stack([torch.cat([self.key_perm[j * ud:(j + 1) * ud], bs * d + torch.arange(j * ud, (j + 1) * ud)])
-                            for j in range(s)])
 
     def _virtual_rows(self, plan: StepPlan, heads: LayerHeads, seq_lens: torch.Tensor, group: int):
         """Per step and tier signature: query starts, lengths and scheduler metadata of the ``H x R`` kernel rows."""
