@@ -292,11 +292,12 @@ class CpuKVOps(KVOps):
         ids = step.cold_table.clamp(min=0).reshape(-1)
         kmn = cold.kmin.index_select(0, ids).view(rows * heads, width, d)
         kmx = cold.kmax.index_select(0, ids).view(rows * heads, width, d)
-        # Quest's bound in two matrix products: max(q kmin, q kmax) = q (kmin + kmax) / 2 + |q| (kmax - kmin) / 2
-        # (kmax >= kmin), so the GQA group's sum needs only the sums of q and of |q| over the group
+        # Quest's bound in two matrix products: per channel max(q kmin, q kmax) = max(q, 0) kmax + min(q, 0) kmin
+        # (kmax >= kmin), so the GQA group's sum needs only the group's sums of max(q, 0) and of min(q, 0)
         qg = q.float().view(rows, heads, g, d)
-        q_sum, q_abs = qg.sum(2).view(rows * heads, d, 1), qg.abs().sum(2).view(rows * heads, d, 1)
-        scores = (torch.bmm(kmx + kmn, q_sum) + torch.bmm(kmx - kmn, q_abs)).view(rows, heads, width) * 0.5
+        q_pos = qg.clamp(min=0).sum(2).view(rows * heads, d, 1)
+        q_neg = qg.clamp(max=0).sum(2).view(rows * heads, d, 1)
+        scores = torch.baddbmm(torch.bmm(kmn, q_neg), kmx, q_pos).view(rows, heads, width)
         key = torch.where(step.is_forced, step.forced, scores.double())
         return torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :step.k_max]
 
