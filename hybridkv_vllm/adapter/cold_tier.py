@@ -12,8 +12,9 @@ Storage (one allocation, not a tensor pair per request and head, so that one ope
 of a layer):
 
 * ``pages [capacity, 2 * bs, D]``: K tile then V tile, like one page of a one-head virtual layer;
-* ``kmin``, ``kmax [capacity * units, D]`` fp32: one summary per retrieval unit (``sub_chunks`` units of
-  ``bs // sub_chunks`` tokens per page; unit ``j`` of page ``p`` is row ``p * units + j``, its *unit address*);
+* ``bounds [capacity * units, 2, D]`` fp32: one summary per retrieval unit, ``kmin`` then ``kmax`` (``sub_chunks``
+  units of ``bs // sub_chunks`` tokens per page; unit ``j`` of page ``p`` is row ``p * units + j``, its *unit
+  address*); ``kmin`` / ``kmax`` are views of it, and one gather of a row brings both;
 * per request a *slot*: ``table[slot, head, c]`` = the cold page of chunk ``c`` of dynamic head ``head`` (heads
   numbered over the whole model, ``-1``: none), and ``resident[slot, head, j]`` = the unit (chunk index x units
   + j) hot unit slot ``j`` holds.
@@ -70,14 +71,22 @@ class ColdTier:
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
         self.page_bytes = page_bytes(block_size, head_dim, dtype, units)
         self.pages = self._new_pages(0)
-        self.kmin = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
-        self.kmax = torch.empty(0, head_dim, dtype=torch.float32, device=self.device)
+        self.bounds = torch.empty(0, 2, head_dim, dtype=torch.float32, device=self.device)
         self.free_pages: list[int] = []
         self.table = torch.full((0, num_heads, 1), -1, dtype=torch.long, device=self.device)
         self.resident = torch.full((0, num_heads, 1), -1, dtype=torch.long, device=self.device)
         self.free_slots: list[int] = []
         self.entries: dict[str, ColdEntry] = {}
         self.nbytes = 0
+
+    @property
+    def kmin(self) -> torch.Tensor:
+        """``[capacity * units, D]`` view of ``bounds``: channel-wise minimum of each unit's keys."""
+        return self.bounds[:, 0]
+
+    @property
+    def kmax(self) -> torch.Tensor:
+        return self.bounds[:, 1]
 
     # -- capacity
     def _grow_pages(self, need: int) -> None:
@@ -95,8 +104,7 @@ class ColdTier:
         pages[:have].copy_(self.pages)
         self.retired.retire(self.pages)
         self.pages = pages
-        self.kmin = torch.cat([self.kmin, self.kmin.new_empty(grow * self.units, self.head_dim)])
-        self.kmax = torch.cat([self.kmax, self.kmax.new_empty(grow * self.units, self.head_dim)])
+        self.bounds = torch.cat([self.bounds, self.bounds.new_empty(grow * self.units, 2, self.head_dim)])
         self.free_pages.extend(range(new - 1, have - 1, -1))
 
     def _new_pages(self, n: int) -> torch.Tensor:
@@ -159,7 +167,7 @@ class ColdTier:
             self.nbytes -= entry.nbytes
         if not self.entries and self.pages.shape[0]:
             # idle: hand the pooled allocation back rather than keep its capacity while reporting 0 bytes held
-            self.pages, self.kmin, self.kmax = self._new_pages(0), self.kmin[:0].clone(), self.kmax[:0].clone()
+            self.pages, self.bounds = self._new_pages(0), self.bounds[:0].clone()
             self.free_pages = []
 
     def __len__(self) -> int:

@@ -290,14 +290,12 @@ class CpuKVOps(KVOps):
         rows, heads, width = step.cold_table.shape
         g, d = q.shape[1] // heads, q.shape[2]
         ids = step.cold_table.clamp(min=0).reshape(-1)
-        kmn = cold.kmin.index_select(0, ids).view(rows * heads, width, d)
-        kmx = cold.kmax.index_select(0, ids).view(rows * heads, width, d)
-        # Quest's bound in two matrix products: per channel max(q kmin, q kmax) = max(q, 0) kmax + min(q, 0) kmin
-        # (kmax >= kmin), so the GQA group's sum needs only the group's sums of max(q, 0) and of min(q, 0)
+        bounds = cold.bounds.index_select(0, ids).view(rows * heads, width, 2 * d)        # [kmin | kmax] rows
+        # Quest's bound in one matrix product: per channel max(q kmin, q kmax) = min(q, 0) kmin + max(q, 0) kmax
+        # (kmax >= kmin), so the GQA group's sum needs only the group's sums of min(q, 0) and of max(q, 0)
         qg = q.float().view(rows, heads, g, d)
-        q_pos = qg.clamp(min=0).sum(2).view(rows * heads, d, 1)
-        q_neg = qg.clamp(max=0).sum(2).view(rows * heads, d, 1)
-        scores = torch.baddbmm(torch.bmm(kmn, q_neg), kmx, q_pos).view(rows, heads, width)
+        q_split = torch.cat([qg.clamp(max=0).sum(2), qg.clamp(min=0).sum(2)], dim=2).view(rows * heads, 2 * d, 1)
+        scores = torch.bmm(bounds, q_split).view(rows, heads, width)
         key = torch.where(step.is_forced, step.forced, scores.double())
         return torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :step.k_max]
 

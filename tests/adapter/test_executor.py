@@ -345,7 +345,7 @@ def test_cpu_selection_equals_the_kernel_reference(seed, sub):
                                       kmax[:, None].expand(nc * sub, heads, D), unit_table, chunks * BS, 4 * sub,
                                       chunk_size=units.chunk_size, sink_chunks=units.sink_chunks,
                                       recent_chunks=units.recent_chunks, k_per=k * sub)[0]
-    cold = SimpleNamespace(kmin=kmin, kmax=kmax, table=table)
+    cold = SimpleNamespace(bounds=torch.stack([kmin, kmax], dim=1), table=table)
     plan = SimpleNamespace(decode=SimpleNamespace(cold_slots=torch.arange(rows), chunk_tokens=chunks * BS, k_max=4,
                                                   k=k.transpose(0, 1), k_host=k.transpose(0, 1),
                                                   rows=torch.arange(rows)),
