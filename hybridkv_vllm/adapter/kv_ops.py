@@ -268,10 +268,14 @@ class CpuKVOps(KVOps):
         super().__init__(block_size, head_size, dtype, selection)
         self.isa, self.kv_cache_dtype, self.key_perm = isa, kv_cache_dtype, key_perm
         self.key_runs = self._key_runs(selection.sub_chunks)        # made here: it reads values on the host
+        self._kv_views: tuple | None = None
 
     def _kv(self, pool):
-        bs = self.block_size
-        return pool[:, None, :bs], pool[:, None, bs:]          # [NP, 1, bs, D] each
+        """vLLM's K and V cache views ``[NP, 1, bs, D]`` of the page array (made once per bound page array)."""
+        if self._kv_views is None or self._kv_views[0] is not pool:
+            bs = self.block_size
+            self._kv_views = (pool, pool[:, None, :bs], pool[:, None, bs:])
+        return self._kv_views[1:]
 
     def write(self, pool, key, value, slots, layer) -> None:
         from vllm import _custom_ops as ops
@@ -363,21 +367,27 @@ class CpuKVOps(KVOps):
         return pos, 1
 
     def _virtual_rows(self, plan: StepPlan, heads: LayerHeads, seq_lens: torch.Tensor, group: int):
-        """Per step and tier signature: query starts, lengths and scheduler metadata of the ``H x R`` kernel rows."""
+        """Per step and tier signature: query starts, lengths and scheduler metadata of the ``H x R`` kernel rows;
+        layers whose tiers keep the same blocks of every row share them (a row's length in a tier depends on
+        nothing else: ``core.step_plan.rewrite_group``), found from the plan's host bookkeeping."""
         key = ("cpu_rows", heads.signature)
         if key not in plan.cache:
-            from vllm import _custom_ops as ops
-            from vllm import envs
-            h, n = len(heads.signature), plan.num_tokens
-            qsl = plan.query_start_loc.long()
-            starts = (qsl[None, :-1] + n * torch.arange(h)[:, None]).reshape(-1)
-            qsl_v = torch.cat([starts, torch.tensor([h * n])]).to(torch.int32)
-            lens = seq_lens.reshape(-1).to(torch.int32).contiguous()
-            meta = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=lens.numel(), num_heads=group, num_kv_heads=1, head_dim=self.head_size, seq_lens=lens,
-                dtype=self.dtype, query_start_loc=qsl_v, causal=True, sliding_window_size=-1, isa=self.isa,
-                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype)
-            plan.cache[key] = (qsl_v, lens, meta)
+            shared = ("cpu_rows_of", group, tuple(map(tuple, plan.kept[heads.tiers_host].tolist())))
+            if shared not in plan.cache:
+                lens = seq_lens.reshape(-1).to(torch.int32).contiguous()
+                from vllm import _custom_ops as ops
+                from vllm import envs
+                h, n = len(heads.signature), plan.num_tokens
+                qsl = plan.query_start_loc.long()
+                starts = (qsl[None, :-1] + n * torch.arange(h)[:, None]).reshape(-1)
+                qsl_v = torch.cat([starts, torch.tensor([h * n])]).to(torch.int32)
+                meta = ops.cpu_attn_get_scheduler_metadata(
+                    num_reqs=lens.numel(), num_heads=group, num_kv_heads=1, head_dim=self.head_size, seq_lens=lens,
+                    dtype=self.dtype, query_start_loc=qsl_v, causal=True, sliding_window_size=-1, isa=self.isa,
+                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+                    kv_cache_dtype=self.kv_cache_dtype)
+                plan.cache[shared] = (qsl_v, lens, meta)
+            plan.cache[key] = plan.cache[shared]
         return plan.cache[key]
 
     def attend(self, plan, heads, pool, query, pages, seq_lens, scale, output, layer=None) -> None:
