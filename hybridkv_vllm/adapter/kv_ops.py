@@ -457,14 +457,14 @@ class TritonKVOps(KVOps):
                                  seq_lens[:, rows].transpose(0, 1).contiguous(), scale, out, backend="triton")
             output[tokens] = out
         if plan.prefill_rows:                                        # prefill: once per prompt chunk
-            self._prefill(plan, heads, pool, query, pages, seq_lens, scale, output)
+            self._prefill(plan, pool, query, pages, seq_lens, scale, output)
 
-    def _prefill_rows(self, plan: StepPlan, heads: LayerHeads, device):
-        """Per step and tier signature: the prefill rows' query tokens and the ``H x P`` virtual sequences' query
-        starts (head-major), from the plan's host rows: no device read."""
-        key = ("vllm_prefill", heads.signature)
+    def _prefill_rows(self, plan: StepPlan, h: int, device):
+        """Once per step: the prefill rows' query tokens and the ``h x P`` virtual sequences' query starts
+        (head-major), from the plan's host rows: no device read. (Every layer has ``h`` KV heads.)"""
+        key = ("vllm_prefill", h)
         if key not in plan.cache:
-            h, rows = len(heads.signature), [plan.rows[r] for r in plan.prefill_rows]
+            rows = [plan.rows[r] for r in plan.prefill_rows]
             tokens = [t for row in rows for t in range(row.q_start, row.q_end)]
             lens = [row.q_end - row.q_start for row in rows]
             starts = [0]
@@ -477,13 +477,13 @@ class TritonKVOps(KVOps):
                                max(lens), max(row.seq_len for row in rows))
         return plan.cache[key]
 
-    def _prefill(self, plan, heads, pool, query, pages, seq_lens, scale, output) -> None:
+    def _prefill(self, plan, pool, query, pages, seq_lens, scale, output) -> None:
         """Rows with several query tokens attend densely through vLLM's own Triton kernel (``vllm_triton``): every
         (KV head, row) pair is one of its sequences, with ``num_kv_heads = 1`` over the page array."""
         from hybridkv_vllm.adapter.vllm_triton import unified_attention
         h, (_, hq, d) = pages.shape[0], query.shape
         g, bs = hq // h, self.block_size
-        tokens, rows, starts, max_q, max_k = self._prefill_rows(plan, heads, query.device)
+        tokens, rows, starts, max_q, max_k = self._prefill_rows(plan, h, query.device)
         m = tokens.numel()
         q = query[tokens].view(m, h, g, d).transpose(0, 1).reshape(h * m, g, d)
         out = torch.empty_like(q)
