@@ -66,7 +66,8 @@ class ColdTier:
         self.max_bytes, self.device = max_bytes, torch.device(device)
         self.pages_device = torch.device("cpu") if pages_on_host else self.device
         self.pinned = pages_on_host and self.device.type == "cuda"
-        # pinned pages that a grown array replaced, held while the last steps' kernels may still read them
+        # pinned pages a grown array replaced, held while the last steps' kernels may still read them (the runtime
+        # collects them every step); handed back when idle, once the device is past them
         self.retired = KeepAlive(torch.cuda.Event if self.pinned else None)
         self.page_kv_bytes = 2 * block_size * head_dim * torch.empty(0, dtype=dtype).element_size()
         self.page_bytes = page_bytes(block_size, head_dim, dtype, units)
@@ -167,6 +168,7 @@ class ColdTier:
             self.nbytes -= entry.nbytes
         if not self.entries and self.pages.shape[0]:
             # idle: hand the pooled allocation back rather than keep its capacity while reporting 0 bytes held
+            self.retired.retire(self.pages, wait=True)          # no step may come to collect it
             self.pages, self.bounds = self._new_pages(0), self.bounds[:0].clone()
             self.free_pages = []
 

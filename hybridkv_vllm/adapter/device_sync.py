@@ -13,7 +13,8 @@ keeps growing on the device meanwhile: the figures arrive a step or more late, a
 :class:`KeepAlive`: host memory the device may still read. The cold tier's pinned pages are read by kernels through
 unified addressing, which PyTorch's pinned-memory cache does not track (it tracks ``copy_`` only): a page array
 replaced by a larger one while the last step's swap-in may still run would go back to the cache, and could be
-handed out and overwritten under that kernel. It is kept until an event recorded at its retirement has completed.
+handed out and overwritten under that kernel. It is kept until an event recorded at its retirement has completed
+(the runtime collects every step), or, when no later step may come, the host waits for that event once.
 """
 from __future__ import annotations
 
@@ -66,12 +67,17 @@ class KeepAlive:
         self._event_factory = event_factory
         self._held: list[tuple[torch.Tensor, object]] = []
 
-    def retire(self, tensor: torch.Tensor) -> None:
+    def retire(self, tensor: torch.Tensor, wait: bool = False) -> None:
+        """Hold ``tensor`` until the device is past the work queued so far; ``wait``: wait for that here instead
+        (for a release after which no step may come to collect it, such as the cold tier going idle)."""
         self.collect()
         if self._event_factory is None:
             return                               # nothing runs asynchronously: the tensor may go at once
         event = self._event_factory()
         event.record()
+        if wait:
+            event.synchronize()
+            return
         self._held.append((tensor, event))
 
     def collect(self) -> None:

@@ -149,6 +149,7 @@ class HybridKVRuntime:
             cold.ensure_hot_width(plan.decode.k_max * sub)
             dyn_k = plan.decode.k_host[self.dynamic_tiers]                           # [Hdyn, Rr]
             self.accounting.chunks_scored += int(((dyn_k > 0) * plan.decode.chunks_host).sum()) * sub
+        cold.retired.collect()                          # replaced pinned pages the device is done with
         loads = self.loads.drain()                      # on CUDA: a step or more late, never waiting
         if loads:
             self.accounting.chunk_loads += loads

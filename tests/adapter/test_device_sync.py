@@ -26,6 +26,9 @@ class ManualEvent:
     def query(self):
         return self.done
 
+    def synchronize(self):
+        self.done = True
+
 
 def test_cpu_drain_returns_the_count_at_once_and_zeroes_it():
     c = DeviceCounter("cpu")
@@ -89,6 +92,13 @@ def test_keep_alive_holds_a_retired_tensor_until_its_event_completed():
     assert len(keep) == 1
 
 
+def test_keep_alive_waits_for_the_device_when_told_and_then_holds_nothing():
+    ManualEvent.made.clear()
+    keep = KeepAlive(ManualEvent)
+    keep.retire(torch.zeros(4), wait=True)
+    assert len(keep) == 0 and ManualEvent.made[-1].done
+
+
 def test_keep_alive_without_asynchronous_work_holds_nothing():
     keep = KeepAlive(None)
     keep.retire(torch.zeros(4))
@@ -108,3 +118,5 @@ def test_a_growing_pinned_cold_tier_keeps_its_replaced_pages_until_the_device_is
     torch.cuda.synchronize()
     cold.retired.collect()
     assert len(cold.retired) == 0 and first == cold.slot_of("a")
+    cold.drop(["a", "b"])                                # idle: the array goes back at once, nothing held
+    assert cold.pages.shape[0] == 0 and len(cold.retired) == 0
