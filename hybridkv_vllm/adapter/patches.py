@@ -5,14 +5,14 @@ expected shape) and version-checked against the vLLM range this plugin was built
    backend name but its own, and a selected backend applies to every layer on CUDA; the wrap returns the HYBRIDKV
    backend when ``--attention-backend HYBRIDKV`` chose it for a decoder layer, and lets vLLM choose otherwise
    (encoder layers, the vision tower, every other backend name).
-2. ``GPUModelRunner._build_attention_metadata`` (the V1 runner; the CPU runner inherits it): publishes each
-   step's rows (request id, prompt length, image/video placeholder spans from ``mm_features``) before vLLM
-   builds attention metadata, because metadata builders are never told which request a row belongs to, and
-   once every KV-cache group's builder has added its tier, finishes the step plan (runtime.py) once.
-   Model Runner V2 (CUDA's default in vLLM 0.32) is not wrapped: start-up refuses it, naming
-   ``VLLM_USE_V2_MODEL_RUNNER=0`` (runtime.py).
-3. ``GPUModelRunner._update_states``: releases the cold-tier entries of finished, aborted and preempted
-   requests, and zeroes the blocks-held gauges once no request is left (see below).
+2. The model runner's per-step methods (Model Runner V2: ``add_requests``, ``finish_requests``, ``prepare_attn``,
+   ``prepare_dummy_attn``; Model Runner V1 while vLLM has it: ``_update_states``, ``_build_attention_metadata``):
+   track each request's prompt length, image/video placeholder spans (``mm_features``) and the scheduler's
+   decision when the runner first receives it, publish each step's rows in batch order before vLLM builds the
+   attention metadata (metadata builders are never told which request a row belongs to), and release the worker
+   state of finished, aborted and preempted requests (the cold tier, stashed queries). The step plan itself is
+   finished by the builder of the last tier (runtime.py), so the hooks carry no planning.
+3. (merged into 2)
 4. Per-request settings (requests.py): ``InputProcessor._validate_params`` (API server and offline ``LLM``) refuses a
    bad ``hybridkv_budget`` with vLLM's validation error (HTTP 400); ``Scheduler.__init__`` builds the runtime in the
    scheduler's process and ``Scheduler.schedule`` marks whose requests are being scheduled;
@@ -28,21 +28,26 @@ import logging
 
 logger = logging.getLogger("hybridkv")
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))        # [min, max) major.minor
 _applied: set[str] = set()
 
 
-def vllm_version_supported() -> bool:
-    import vllm
-    parts = tuple(int(p) for p in vllm.__version__.split("+")[0].split(".")[:2])
-    return SUPPORTED_VLLM[0] <= parts < SUPPORTED_VLLM[1]
+def vllm_version_supported(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed vLLM's) is in the range the package declares."""
+    from packaging.requirements import Requirement
+
+    from hybridkv_vllm import VLLM_REQUIREMENT
+    if version is None:
+        import vllm
+        version = vllm.__version__
+    return Requirement(VLLM_REQUIREMENT).specifier.contains(version, prereleases=True)
 
 
 def _check_version() -> None:
     if not vllm_version_supported():
         import vllm
-        raise RuntimeError(f"hybridkv-vllm supports vLLM {SUPPORTED_VLLM[0]}..{SUPPORTED_VLLM[1]} (exclusive); "
-                           f"found {vllm.__version__}")
+
+        from hybridkv_vllm import VLLM_REQUIREMENT
+        raise RuntimeError(f"hybridkv-vllm runs on {VLLM_REQUIREMENT}; found vLLM {vllm.__version__}")
 
 
 def _wrap_backend_selection(platform_cls, backend_path: str, fallback) -> None:
@@ -80,75 +85,126 @@ def patch_backend_selection(backend_path: str) -> None:
     _applied.add("backend_selection")
 
 
-def _rows_of(runner, num_reqs: int):
-    from hybridkv_vllm.adapter.requests import RequestSetting
-    from hybridkv_vllm.adapter.runtime import RowContext
-    batch = runner.input_batch
-    rows = []
-    for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-        state = runner.requests.get(req_id)
-        spans = []
-        for feature in getattr(state, "mm_features", None) or []:
-            pos = feature.mm_position
-            spans.append((int(pos.offset), int(pos.offset) + int(pos.length)))
-        params = getattr(state, "sampling_params", None)
-        rows.append(RowContext(req_id=req_id, prompt_len=int(batch.num_prompt_tokens[i]), visual_spans=spans,
-                               setting=RequestSetting.of(getattr(params, "extra_args", None))))
-    return rows
+def _runner_v1():
+    """Model Runner V1's class, where this vLLM still has it (0.34 deletes it)."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return None
+    return GPUModelRunner
 
 
-def patch_v1_runner_batch_context() -> None:
-    if "v1_batch_context" in _applied:
+def patch_v1_runner() -> None:
+    """2-3 on Model Runner V1 (the CPU runner of vLLM 0.32 inherits it unless V2 is chosen).
+
+    ``_update_states`` receives each step's scheduler output: the requests it announces for the first time are
+    tracked, and the worker-side state (cold tier, stashed queries) of requests the runner no longer holds
+    (finished, aborted) and of preempted ones is released (they recompute their prompt, offloaded again, when they
+    resume); once the runner holds no request the blocks-held gauges are zeroed. ``_build_attention_metadata``
+    publishes the step's rows in the input batch's order before vLLM builds any metadata (capture batches: none).
+    """
+    if "v1_runner" in _applied:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = GPUModelRunner._build_attention_metadata
-
-    @functools.wraps(original)
-    def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-        from hybridkv_vllm.adapter import runtime
-        state = runtime._runtime
-        if state is not None:          # a new object per step: the plan and the accounting run once per batch
-            rows = [] if kwargs.get("for_cudagraph_capture") else _rows_of(self, num_reqs)
-            state.publish(rows)
-        result = original(self, num_tokens, num_reqs, *args, **kwargs)
-        if state is not None:          # every group's builder added its tier: plan the step once
-            state.finish_step()
-        return result
-
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata
-    _applied.add("v1_batch_context")
-
-
-def patch_v1_runner_request_release() -> None:
-    """3. ``GPUModelRunner._update_states``: releases the worker-side state (cold tier, stashed queries) of requests
-    the runner no longer holds (finished, aborted) and of preempted requests (they recompute their prompt, which
-    is offloaded again, when they resume), and once the runner holds no request zeroes the blocks-held gauges instead
-    of keeping the last batch's."""
-    if "v1_request_release" in _applied:
+    runner_cls = _runner_v1()
+    if runner_cls is None:
+        _applied.add("v1_runner")
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    update, build = runner_cls._update_states, runner_cls._build_attention_metadata
 
-    original = GPUModelRunner._update_states
-
-    @functools.wraps(original)
+    @functools.wraps(update)
     def _update_states(self, scheduler_output, *args, **kwargs):
-        result = original(self, scheduler_output, *args, **kwargs)
-        from hybridkv_vllm.adapter import runtime
-        state = runtime._runtime
+        state = runtime_state()
         if state is not None:
-            # The runner's own request states are the truth: finished and aborted requests have left them
-            # (entries of an earlier engine in this process too). Preempted requests lost their blocks and will
-            # recompute (and offload again) their prompt when they resume.
+            state.track(scheduler_output.scheduled_new_reqs)
+        result = update(self, scheduler_output, *args, **kwargs)
+        if state is not None:
             preempted = getattr(scheduler_output, "preempted_req_ids", None) or set()
             resumed = getattr(scheduler_output.scheduled_cached_reqs, "resumed_req_ids", None) or set()
             state.release((state.held_request_ids() - set(self.requests)) | set(preempted) | set(resumed))
+            state.forget(set(self.requests))
             if self.input_batch.num_reqs == 0:
                 state.accounting.idle()
         return result
 
-    GPUModelRunner._update_states = _update_states
-    _applied.add("v1_request_release")
+    @functools.wraps(build)
+    def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+        state = runtime_state()
+        if state is not None:
+            state.publish([] if kwargs.get("for_cudagraph_capture") else self.input_batch.req_ids[:num_reqs])
+        return build(self, num_tokens, num_reqs, *args, **kwargs)
+
+    runner_cls._update_states = _update_states
+    runner_cls._build_attention_metadata = _build_attention_metadata
+    _applied.add("v1_runner")
+
+
+def patch_v2_runner() -> None:
+    """2-3 on Model Runner V2 (vLLM's CUDA default, the only runner of 0.34; the CPU build's with
+    ``VLLM_USE_V2_MODEL_RUNNER=1``). Its public per-step methods are the seams:
+
+    - ``finish_requests``: finished, aborted and preempted requests leave the runner (V2 removes preempted ones and
+      receives them again as new requests when they resume): their worker-side state is released first;
+    - ``add_requests``: the step's new requests (resumed ones included) are tracked;
+    - ``prepare_attn`` / ``prepare_dummy_attn``: the step's rows are published in the input batch's order right
+      before ``model_state.prepare_attn`` builds the metadata (dummy, profiling and capture batches: none).
+
+    No public seam serves instead: attention backends and their builders are never told which request a row
+    belongs to, and the KV-connector API needs ``--kv-transfer-config`` and bypasses the hybrid KV-cache manager's
+    one-group-per-tier layout on the CPU build (DESIGN §3)."""
+    if "v2_runner" in _applied:
+        return
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    finish, add = GPUModelRunner.finish_requests, GPUModelRunner.add_requests
+    prepare, prepare_dummy = GPUModelRunner.prepare_attn, GPUModelRunner.prepare_dummy_attn
+
+    @functools.wraps(finish)
+    def finish_requests(self, scheduler_output, *args, **kwargs):
+        state = runtime_state()
+        if state is not None:
+            gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+            state.release(gone)
+        result = finish(self, scheduler_output, *args, **kwargs)
+        if state is not None:
+            live = set(self.req_states.req_id_to_index)
+            state.release(state.held_request_ids() - live)
+            state.forget(live)
+        return result
+
+    @functools.wraps(add)
+    def add_requests(self, scheduler_output, *args, **kwargs):
+        state = runtime_state()
+        if state is not None:
+            state.track(scheduler_output.scheduled_new_reqs)
+        result = add(self, scheduler_output, *args, **kwargs)
+        if state is not None and not self.req_states.req_id_to_index:
+            state.accounting.idle()
+        return result
+
+    @functools.wraps(prepare)
+    def prepare_attn(self, input_batch, *args, **kwargs):
+        state = runtime_state()
+        if state is not None:
+            state.publish(input_batch.req_ids[:input_batch.num_reqs])
+        return prepare(self, input_batch, *args, **kwargs)
+
+    @functools.wraps(prepare_dummy)
+    def prepare_dummy_attn(self, input_batch, *args, **kwargs):
+        state = runtime_state()
+        if state is not None:
+            state.publish([])
+        return prepare_dummy(self, input_batch, *args, **kwargs)
+
+    GPUModelRunner.finish_requests = finish_requests
+    GPUModelRunner.add_requests = add_requests
+    GPUModelRunner.prepare_attn = prepare_attn
+    GPUModelRunner.prepare_dummy_attn = prepare_dummy_attn
+    _applied.add("v2_runner")
+
+
+def runtime_state():
+    from hybridkv_vllm.adapter.runtime import current_runtime
+    return current_runtime()
 
 
 def patch_request_validation() -> None:
@@ -237,7 +293,7 @@ def patch_scheduler_admission() -> None:
 def apply_all(backend_path: str) -> None:
     _check_version()
     patch_backend_selection(backend_path)
-    patch_v1_runner_batch_context()
-    patch_v1_runner_request_release()
+    patch_v1_runner()
+    patch_v2_runner()
     patch_request_validation()
     patch_scheduler_admission()

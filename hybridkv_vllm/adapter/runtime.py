@@ -3,10 +3,13 @@
 Built once per vLLM process from the ``VllmConfig`` (first use by the attention impl), so every problem
 with the profile, the budget or the flags stops the engine at start-up with a message naming it.
 
-A step: ``patches.py`` publishes the step's rows (request ids, prompt lengths, image spans) before vLLM builds the
-attention metadata; each KV-cache group's builder adds its tier's tables to the step's :class:`StepPlan`
-(:meth:`HybridKVRuntime.plan_for`); once every group is built, :meth:`HybridKVRuntime.finish_step` stacks the
-tiers, admits completing prompts to the cold tier and plans retrieval, once, and publishes the step's metrics.
+A step: the runner hooks (``patches.py``, Model Runner V1 and V2) record what each new request brings
+(:meth:`HybridKVRuntime.track`: prompt length, image/video spans, the scheduler's decision) and publish the step's
+rows in batch order (:meth:`HybridKVRuntime.publish`) before vLLM builds the attention metadata; each KV-cache
+group's builder adds its tier's tables to the step's :class:`StepPlan` (:meth:`HybridKVRuntime.plan_for`,
+:meth:`HybridKVRuntime.add_tier`), and the builder that adds the last tier finishes the plan
+(:meth:`HybridKVRuntime.finish_step`): it stacks the tiers, admits completing prompts to the cold tier and plans
+retrieval, once, and publishes the step's metrics. Nothing in the per-layer path plans.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from hybridkv_vllm.adapter.device_sync import DeviceCounter
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, LayerStep, plan_layers
 from hybridkv_vllm.adapter.requests import Admission, RequestSetting
 from hybridkv_vllm.adapter.static_heads import ObservationStash
-from hybridkv_vllm.core.budgets import BudgetPlan, allocate
+from hybridkv_vllm.core.budgets import BudgetPlan, allocate, fold_for_tp
 from hybridkv_vllm.core.errors import ConfigError
 from hybridkv_vllm.core.profile import HeadProfile, ModelIdentity
 from hybridkv_vllm.core.selection import SelectionConfig
@@ -43,6 +46,18 @@ class RowContext:
     prompt_len: int
     visual_spans: list[tuple[int, int]]     # [start, end) of placeholder (image/video) tokens in the prompt
     setting: RequestSetting = field(default_factory=RequestSetting)   # the scheduler's decision (requests.py)
+
+    @classmethod
+    def of_new_request(cls, data) -> RowContext:
+        """From vLLM's ``NewRequestData`` (both runners receive it at a request's first schedule, and Model Runner
+        V2 again when a preempted request resumes): the original prompt's length, placeholder spans, decision."""
+        spans = []
+        for feature in getattr(data, "mm_features", None) or []:
+            pos = feature.mm_position
+            spans.append((int(pos.offset), int(pos.offset) + int(pos.length)))
+        params = getattr(data, "sampling_params", None)
+        return cls(req_id=data.req_id, prompt_len=int(data.prompt_len), visual_spans=spans,
+                   setting=RequestSetting.of(getattr(params, "extra_args", None)))
 
     def visual_mask(self, length: int) -> torch.Tensor:
         mask = torch.zeros(length, dtype=torch.bool)
@@ -80,6 +95,8 @@ class HybridKVRuntime:
     cold: ColdTier | None = None           # dynamic heads' prompt chunks (cold_tier.py)
     step: StepPlan | None = None
     _step_batch: object = None
+    # worker side: what the runner was told of each request it holds (track / forget, runner hooks)
+    requests: dict[str, RowContext] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # the model's dynamic heads, numbered layer by layer: their rows in the cold tier, and their tiers
@@ -105,10 +122,27 @@ class HybridKVRuntime:
             self.loads = DeviceCounter(device)
         return self.cold
 
-    def publish(self, rows: list[RowContext]) -> None:
-        """Start a step: its rows; stashed queries of requests no longer scheduled are dropped."""
+    def track(self, new_requests) -> None:
+        """The runner received these requests (``NewRequestData``): remember what their rows need."""
+        for data in new_requests:
+            self.requests[data.req_id] = RowContext.of_new_request(data)
+
+    def forget(self, live: set[str]) -> None:
+        """Keep the contexts of the requests the runner still holds (preempted ones included: they resume)."""
+        for req_id in set(self.requests) - live:
+            del self.requests[req_id]
+
+    def publish(self, req_ids) -> None:
+        """Start a step: its rows, in the runner's batch order (empty for warm-up and profiling batches); stashed
+        queries of requests no longer scheduled are dropped."""
+        rows = []
+        for req_id in req_ids:
+            context = self.requests.get(req_id)
+            if context is None:          # every scheduled request passed a runner hook first (patches.py)
+                raise RuntimeError(f"HybridKV: request {req_id} is scheduled but was never announced to the worker")
+            rows.append(context)
         self.batch = BatchContext(rows)
-        self.obs_stash.drop(live={row.req_id for row in rows})
+        self.obs_stash.drop(live=set(req_ids))
 
     def plan_for(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_reqs: int,
                  num_tokens: int) -> StepPlan:
@@ -127,11 +161,16 @@ class HybridKVRuntime:
             self._step_batch = self.batch
         return self.step
 
-    def finish_step(self, plan: StepPlan | None = None) -> None:
+    def add_tier(self, plan: StepPlan, tier: int, tables) -> None:
+        """A tier's builder adds its tables; the one that adds the last tier finishes the step's plan."""
+        plan.add_group(tier, tables)
+        if len(plan.groups) == len(self.tiers.tiers):
+            self.finish_step(plan)
+
+    def finish_step(self, plan: StepPlan) -> None:
         """Once per step, after every group was built: admit completing prompts to the cold tier, stack the
         tiers, plan retrieval, publish the step's figures."""
-        plan = plan or self.step
-        if plan is None or plan.finalized:
+        if plan.finalized:
             return
         bs = self.block_size
         cold = self.cold
@@ -184,6 +223,11 @@ _runtime: HybridKVRuntime | None = None
 _runtime_key: str | None = None
 
 
+def current_runtime() -> HybridKVRuntime | None:
+    """The runtime built in this process, if any (runner hooks and the budget manager: no engine, no runtime)."""
+    return _runtime
+
+
 def resolve_kv_ops(config: HybridKVConfig) -> str:
     """``auto``: vLLM's CPU kernels on the CPU build, the project's Triton kernels on CUDA."""
     if config.kv_ops != "auto":
@@ -195,14 +239,9 @@ def resolve_kv_ops(config: HybridKVConfig) -> str:
 def _check_flags(vllm_config, kv_ops: str) -> None:
     from vllm.platforms import current_platform
     if current_platform.is_cuda():
-        # Wired, not yet run on a GPU (README): the decode executor with the Triton KV ops, prefill through the
-        # core's dense attention, the cold tier beside the pool on the device, attention outside CUDA graphs.
         if kv_ops != "triton":
             raise ConfigError(f"hybridkv.kv_ops={kv_ops!r} runs vLLM's CPU kernels: on CUDA use 'triton' (or "
                               "'auto', the default)")
-        if getattr(vllm_config, "use_v2_model_runner", False):
-            raise ConfigError("HYBRIDKV hooks vLLM's V1 GPU model runner: start vLLM with "
-                              "VLLM_USE_V2_MODEL_RUNNER=0")
     elif not current_platform.is_cpu():
         raise ConfigError(f"HYBRIDKV runs on vLLM's CPU and CUDA platforms, not on {current_platform.device_name!r}: "
                           "serve with the default --attention-backend there")
@@ -219,12 +258,15 @@ def _check_flags(vllm_config, kv_ops: str) -> None:
         raise ConfigError("HYBRIDKV needs vLLM's hybrid KV-cache manager: drop --disable-hybrid-kv-cache-manager")
 
 
-def _tp_rank_and_size(vllm_config) -> tuple[int, int]:
+def _tp_rank_and_size(vllm_config) -> tuple[int | None, int]:
+    """This process's tensor-parallel rank (None: a process of no TP group, the engine core's scheduler) and the
+    TP size."""
     size = vllm_config.parallel_config.tensor_parallel_size
     if size == 1:
         return 0, 1
     from vllm.distributed import get_tensor_model_parallel_rank
-    return get_tensor_model_parallel_rank(), size
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    return (get_tensor_model_parallel_rank() if model_parallel_is_initialized() else None), size
 
 
 def _root_hf_config(model_config):
@@ -275,20 +317,22 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
     profile = HeadProfile.load(config.profile, expect=identity)
     rank, world = _tp_rank_and_size(vllm_config)
     if world > 1:
-        profile = profile.slice_for_tp(rank, world)
+        profile.slice_for_tp(0, world)           # refuses a head count the TP size does not divide, by name
     block_size = vllm_config.cache_config.block_size
     try:
         config.selection_config(block_size)
     except ConfigError as exc:
         raise ConfigError(f"hybridkv: {exc} (--block-size {block_size})") from exc
-    budget_plan = allocate(profile, config.budget_config(block_size))
+    # every rank and the scheduler plan the same tiers over the TP head slots (budgets.fold_for_tp); the head types
+    # are this rank's own
+    budget_plan = fold_for_tp(allocate(profile, config.budget_config(block_size)), world, rank)
     tiers = plan_tiers(budget_plan, max_groups=config.max_groups)
     logger.info("HybridKV: profile %s, budget %.3f, r %.2f, %s", config.profile, config.budget, config.r,
                 tiers.summary())
     dtype = vllm_config.model_config.dtype
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     _check_cold_tier(config, vllm_config, int((~budget_plan.is_static).sum()), profile.model.head_dim, dtype)
-    budgets = TierBudgets(profile, config.budget_config(block_size), tiers, config.min_prompt_tokens)
+    budgets = TierBudgets(profile, config.budget_config(block_size), tiers, config.min_prompt_tokens, world)
     accounting = StepAccounting(budgets=budgets,
                                 block_bytes=tiers.group_size * block_size * 2 * profile.model.head_dim * dtype_bytes)
     served = vllm_config.model_config.served_model_name or vllm_config.model_config.model
@@ -306,8 +350,8 @@ def build_runtime(vllm_config) -> HybridKVRuntime:
 
 def _key(vllm_config) -> str:
     model = vllm_config.model_config
-    return json.dumps([model.model, vllm_config.cache_config.block_size, vllm_config.additional_config],
-                      sort_keys=True, default=str)
+    return json.dumps([model.model, vllm_config.cache_config.block_size, vllm_config.additional_config,
+                       vllm_config.parallel_config.tensor_parallel_size], sort_keys=True, default=str)
 
 
 def uses_hybridkv(vllm_config) -> bool:

@@ -170,3 +170,38 @@ def uniform_plan(num_layers: int, num_kv_heads: int, cfg: BudgetConfig) -> Budge
     """Every head gets the same fraction (``budget``): all heads static with equal weights (for baselines)."""
     shape = (num_layers, num_kv_heads)
     return allocate((torch.ones(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.float64)), cfg)
+
+
+def tp_owned_heads(num_kv_heads: int, world: int) -> list[list[int]]:
+    """Per tensor-parallel rank, the KV heads it holds, by vLLM's partitioning: ``H % world == 0`` gives rank ``r``
+    the contiguous heads ``[r H / world, (r + 1) H / world)``; ``world % H == 0`` gives it the replicated head
+    ``r H // world``. Slot ``j`` of every rank is its ``j``-th head (its attention layer's local KV head ``j``)."""
+    if world < 1:
+        raise BudgetError(f"tensor-parallel world {world}: expected >= 1")
+    if num_kv_heads % world == 0:
+        per = num_kv_heads // world
+        return [list(range(r * per, (r + 1) * per)) for r in range(world)]
+    if world % num_kv_heads == 0:
+        return [[r * num_kv_heads // world] for r in range(world)]
+    raise BudgetError(f"num_kv_heads {num_kv_heads} and tensor-parallel world {world}: neither divides the other")
+
+
+def fold_for_tp(plan: BudgetPlan, world: int, rank: int | None = None) -> BudgetPlan:
+    """The plan of the head *slots* that every tensor-parallel rank shares (``[L, H / world]``).
+
+    vLLM keeps one KV-cache configuration for all ranks: a KV-cache group (a budget tier) and its block table are
+    the same on every rank, and the scheduler frees blocks per group, with no rank in sight. So the slot ``j`` of
+    layer ``l`` (on each rank, that rank's ``j``-th head of layer ``l``) gets one budget on every rank: the largest
+    fraction among the heads the ranks place there (promotion only, the rule :func:`~core.tiers.plan_tiers` uses
+    for a tier). ``is_static`` is ``rank``'s own head types; ``rank`` None (the scheduler, which has no rank) gives
+    a slot dynamic if it is dynamic on any rank, the larger cold-tier reservation.
+    """
+    if world == 1:
+        return plan
+    owned = tp_owned_heads(plan.fractions.shape[1], world)
+    fractions = torch.stack([plan.fractions[:, heads] for heads in owned]).amax(0)
+    if rank is None:
+        is_static = torch.stack([plan.is_static[:, heads] for heads in owned]).all(0)
+    else:
+        is_static = plan.is_static[:, owned[rank]]
+    return BudgetPlan(fractions=fractions, is_static=is_static, cfg=plan.cfg)

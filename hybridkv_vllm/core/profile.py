@@ -307,18 +307,18 @@ class HeadProfile:
         ``world % H == 0``: rank owns the replicated head ``rank * H // world``.
         ``num_kv_heads`` and ``num_q_heads`` become the per-rank counts.
         """
+        from hybridkv_vllm.core.budgets import tp_owned_heads
+        from hybridkv_vllm.core.errors import BudgetError
+
         h, hq = self.model.num_kv_heads, self.model.num_q_heads
         if world < 1 or not 0 <= rank < world:
             raise ProfileError(f"slice_for_tp: rank {rank} / world {world} is not a valid TP position")
         if hq % world:
             raise ProfileError(f"slice_for_tp: num_q_heads {hq} is not divisible by TP world {world}")
-        if h % world == 0:
-            per = h // world
-            owned = list(range(rank * per, (rank + 1) * per))
-        elif world % h == 0:
-            owned = [rank * h // world]
-        else:
-            raise ProfileError(f"slice_for_tp: num_kv_heads {h} and TP world {world}: neither divides the other")
+        try:
+            owned = tp_owned_heads(h, world)[rank]
+        except BudgetError as err:
+            raise ProfileError(f"slice_for_tp: {err}") from err
         layers = tuple(tuple(replace(layer[o], kv_head=j) for j, o in enumerate(owned)) for layer in self.layers)
         model = replace(self.model, num_kv_heads=len(owned), num_q_heads=hq // world)
         prov = {**self.provenance, "tp_slice": {"rank": rank, "world": world, "kv_heads": owned}}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hybridkv_vllm.core.budgets import BudgetConfig, BudgetPlan, allocate
+from hybridkv_vllm.core.budgets import BudgetConfig, BudgetPlan, allocate, fold_for_tp
 
 # What one KV head does at decode.
 RETRIEVE = "retrieve"   # dynamic head: top-k cold prompt chunks in a hot buffer + the hot tail
@@ -132,12 +132,17 @@ class TierBudgets:
     ``r``, and each tier takes the largest fraction of its heads (the promotion rule of :func:`plan_tiers`, with
     the tiers fixed: they are vLLM's KV-cache groups). Results are cached per distinct budget (a bounded cache:
     budgets come from requests).
+
+    Under tensor parallelism (``world`` > 1) ``heads`` is the whole model's profile and the tiers group head slots
+    (``core.budgets.fold_for_tp``): a request's budget is allocated over every head, then folded, on every rank
+    and in the scheduler alike.
     """
 
     CACHE = 256
 
-    def __init__(self, heads, cfg: BudgetConfig, tiers: TierPlan, min_prompt_tokens: int) -> None:
+    def __init__(self, heads, cfg: BudgetConfig, tiers: TierPlan, min_prompt_tokens: int, world: int = 1) -> None:
         self.heads, self.cfg, self.tiers, self.min_prompt_tokens = heads, cfg, tiers, min_prompt_tokens
+        self.world = world
         self._fractions: dict[float, tuple[float, ...]] = {}
         # (prompt length, budget) -> kept blocks per tier: asked per request, tier and step by the scheduler's
         # budget manager, the worker and the accounting, with few distinct keys at a time (bounded: cleared when full)
@@ -150,7 +155,7 @@ class TierBudgets:
             return tuple(t.fraction for t in self.tiers.tiers)
         out = self._fractions.get(budget)
         if out is None:
-            plan = allocate(self.heads, replace(self.cfg, budget=float(budget)))
+            plan = fold_for_tp(allocate(self.heads, replace(self.cfg, budget=float(budget))), self.world)
             out = tuple(max(float(plan.fractions[l, h]) for l, h in t.heads) for t in self.tiers.tiers)
             if len(self._fractions) >= self.CACHE:
                 self._fractions.pop(next(iter(self._fractions)))

@@ -1,5 +1,5 @@
 """Start-up checks per platform, with vLLM's platform object stood in (no GPU here): CUDA runs the Triton KV ops
-on the V1 runner and refuses what it cannot serve by name; other platforms are refused by name."""
+on either model runner and refuses what it cannot serve by name; other platforms are refused by name."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -36,14 +36,14 @@ def test_auto_kv_ops_follow_the_platform(platform, kind, expect):
     assert runtime.resolve_kv_ops(HybridKVConfig(profile="p", kv_ops="triton")) == "triton"
 
 
-def test_cuda_accepts_the_triton_path_on_the_v1_runner(platform):
+@pytest.mark.parametrize("v2", [True, False])
+def test_cuda_accepts_the_triton_path_on_either_runner(platform, v2):
     platform("cuda")
-    runtime._check_flags(_vllm_config(), "triton")          # no refusal
+    runtime._check_flags(_vllm_config(v2), "triton")          # no refusal (Model Runner V2: CUDA's default)
 
 
 @pytest.mark.parametrize("kind, kv_ops, v2, message", [
     ("cuda", "cpu", False, "hybridkv.kv_ops='cpu'"),
-    ("cuda", "triton", True, "VLLM_USE_V2_MODEL_RUNNER=0"),
     ("rocm", "triton", False, "not on 'rocm'"),
 ])
 def test_what_cannot_run_is_refused_by_name(platform, kind, kv_ops, v2, message):
@@ -84,6 +84,7 @@ def test_a_cached_runtime_does_not_skip_the_flag_checks(platform, monkeypatch):
     platform("cpu")
     config = _vllm_config()
     config.model_config = SimpleNamespace(model="m")
+    config.parallel_config = SimpleNamespace(tensor_parallel_size=1)
     config.cache_config.block_size, config.additional_config = 32, {"hybridkv": {"profile": "p"}}
     monkeypatch.setattr(runtime, "_runtime", SimpleNamespace(kv_ops_kind="cpu"))
     monkeypatch.setattr(runtime, "_runtime_key", runtime._key(config))

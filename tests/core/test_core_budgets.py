@@ -142,3 +142,41 @@ def test_full_budget_is_dense_with_unequal_static_weights():
     assert half.fractions[0, 2].item() == 1.0
     torch.testing.assert_close(half.fractions.sum(), torch.tensor(1.5, dtype=torch.float64))
     assert half.fractions[0, 0].item() == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------------ tensor parallel
+@given(heads_strategy(), st.sampled_from([1, 2, 4, 8]))
+@settings(max_examples=60, deadline=None)
+def test_tp_fold_gives_every_rank_one_plan_and_its_own_head_types(heads, world):
+    """The oracle is the plan itself, read head by head through vLLM's partitioning (``slice_for_tp``'s rule):
+    slot j of layer l gets the largest fraction of the heads the ranks put there, no head keeps less than the
+    allocator gave it, and each rank keeps its own heads' types."""
+    from hybridkv_vllm.core.budgets import fold_for_tp, tp_owned_heads
+
+    is_static, _ = heads
+    H = is_static.shape[1]
+    if H % world and world % H:
+        with pytest.raises(BudgetError, match="neither divides"):
+            tp_owned_heads(H, world)
+        return
+    plan = allocate(heads, BudgetConfig(budget=0.2))
+    owned = tp_owned_heads(H, world)
+    assert all(len(o) == len(owned[0]) for o in owned)
+    shared = fold_for_tp(plan, world)
+    for rank in range(world):
+        mine = fold_for_tp(plan, world, rank)
+        assert torch.equal(mine.fractions, shared.fractions)                       # one KV-cache config
+        for j, head in enumerate(owned[rank]):
+            assert torch.equal(mine.is_static[:, j], plan.is_static[:, head])       # its own head types
+            assert bool((mine.fractions[:, j] >= plan.fractions[:, head]).all())    # promotion only
+    for j in range(len(owned[0])):
+        assert torch.equal(shared.fractions[:, j], torch.stack([plan.fractions[:, o[j]] for o in owned]).amax(0))
+        assert torch.equal(shared.is_static[:, j], torch.stack([plan.is_static[:, o[j]] for o in owned]).all(0))
+    if world == 1:
+        assert fold_for_tp(plan, 1, 0) is plan
+
+
+def test_tp_partitioning_matches_vllms():
+    from hybridkv_vllm.core.budgets import tp_owned_heads
+    assert tp_owned_heads(4, 2) == [[0, 1], [2, 3]]
+    assert tp_owned_heads(2, 8) == [[0], [0], [0], [0], [1], [1], [1], [1]]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_utils import MODEL, synthetic_profile
+from engine_utils import MODEL, RUNNERS, model_runner, synthetic_profile
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +23,10 @@ def profile_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shipped_profile() -> Path:
     return MODEL.parents[1] / "configs" / "profiles" / "smollm2-vl.json"
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request):
+    """Each test using it runs under both of vLLM's model runners (engine_utils.RUNNERS)."""
+    with model_runner(request.param):
+        yield request.param

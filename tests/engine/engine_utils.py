@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from hybridkv_vllm.adapter.engine_probe import (free_blocks, held_blocks, make_llm,  # noqa: F401 (re-exported)
-                                                 run_to_completion, scheduler_of)
+from hybridkv_vllm.adapter.engine_probe import free_blocks, held_blocks  # noqa: F401 (re-exported)
+from hybridkv_vllm.adapter.engine_probe import make_llm as _make_llm
+from hybridkv_vllm.adapter.engine_probe import run_to_completion, scheduler_of  # noqa: F401 (re-exported)
 from hybridkv_vllm.eval.prompts import haystack_chat_prompt
 from hybridkv_vllm.profiler.synthetic import synthetic_profile as _synthetic_profile
 
@@ -18,6 +20,16 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_llm(model_dir: Path, hybridkv: dict | None, **kwargs):
+    """``engine_probe.make_llm``, checked to run the model runner the test chose (:func:`model_runner`)."""
+    llm = _make_llm(model_dir, hybridkv, **kwargs)
+    chosen = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if chosen is not None:
+        want = "v2" if chosen == "1" else "v1"
+        assert runner_of(llm) == want, f"the engine runs Model Runner {runner_of(llm)}, the test chose {want}"
+    return llm
 
 
 def synthetic_profile(path: Path, seed: int = 0, low: float = 0.8, model: Path = MODEL) -> Path:
@@ -93,3 +105,38 @@ def assert_greedy_matches(got: list[int], want: list[int], want_logits, what: st
                                    f"ranks {g} {margin:.4f} below its best (not a near tie: < {NEAR_TIE}); "
                                    f"equal before: {want[:i]}")
         return
+
+
+#: vLLM's model runners the engine tests run under: Model Runner V2 (vLLM's default on CUDA, the only runner in
+#: 0.34; on the CPU build through the Triton stand-in, tests/triton_cpu_standin.py) and Model Runner V1 (the CPU
+#: build's default without Triton, deleted in vLLM 0.34).
+RUNNERS = ("v2", "v1")
+
+
+@contextmanager
+def model_runner(name: str):
+    """Engines made inside run Model Runner ``name`` ("v1" / "v2"). vLLM caches its environment variables once an
+    engine has started (``envs.enable_envs_cache``); the cache is dropped so that the next engine reads this one."""
+    from vllm import envs
+    envs.disable_envs_cache()
+    old = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = {"v1": "0", "v2": "1"}[name]
+    try:
+        yield name
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+        else:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = old
+
+
+def _runner_name(worker) -> str:
+    modules = {cls.__module__ for cls in type(worker.model_runner).__mro__}
+    return "v2" if "vllm.v1.worker.gpu.model_runner" in modules else "v1"
+
+
+def runner_of(llm) -> str:
+    """Which model runner the engine's workers really run (every worker: tensor-parallel ones too)."""
+    names = set(llm.collective_rpc(_runner_name))
+    assert len(names) == 1, f"the workers run different model runners: {names}"
+    return names.pop()

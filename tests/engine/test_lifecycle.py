@@ -39,7 +39,7 @@ def _run(llm, prompts, max_tokens, watch=None, logprobs=None) -> dict[str, tuple
 LIFECYCLE_TIE = 0.1
 
 
-def test_chunked_prefill_and_preemption_match_uninterrupted_run(model_dir, profile_path):
+def test_chunked_prefill_and_preemption_match_uninterrupted_run(model_dir, profile_path, runner):
     config = {"profile": str(profile_path), "budget": BUDGET}
     reference = make_llm(model_dir, config)
     prompts = _prompts(reference.get_tokenizer())

@@ -12,8 +12,8 @@ from hybridkv_vllm.core.tiers import plan_tiers
 from hybridkv_vllm.core.budgets import BudgetConfig, allocate
 from hybridkv_vllm.core.profile import HeadProfile
 
-from engine_utils import (expected_blocks, free_blocks, held_blocks, make_llm, run_to_completion, scheduler_of,
-                          text_prompt)
+from engine_utils import (RUNNERS, expected_blocks, free_blocks, held_blocks, make_llm, model_runner,
+                          run_to_completion, scheduler_of, text_prompt)
 
 pytestmark = pytest.mark.engine
 BUDGET = 0.1
@@ -24,9 +24,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@pytest.fixture(scope="module")
-def hybrid_llm(model_dir, profile_path):
-    llm = make_llm(model_dir, {"profile": str(profile_path), "budget": BUDGET})
+@pytest.fixture(scope="module", params=RUNNERS)
+def hybrid_llm(model_dir, profile_path, request):
+    with model_runner(request.param):
+        llm = make_llm(model_dir, {"profile": str(profile_path), "budget": BUDGET})
     yield llm
     del llm
     gc.collect()
@@ -114,7 +115,7 @@ def _kv_bytes(llm) -> int:
     return config.num_blocks * len(group.layer_names) * group.kv_cache_spec.page_size_bytes
 
 
-def test_more_concurrent_requests_than_stock_at_same_memory(model_dir, profile_path):
+def test_more_concurrent_requests_than_stock_at_same_memory(model_dir, profile_path, runner):
     prompts = [text_prompt(4200 + 50 * i) for i in range(6)]
     stock_blocks = 150                                   # ~3 of these requests at full length
     stock = make_llm(model_dir, None, num_gpu_blocks_override=stock_blocks, max_num_seqs=6)
@@ -137,3 +138,30 @@ def test_more_concurrent_requests_than_stock_at_same_memory(model_dir, profile_p
     assert hybrid_peak > stock_peak
     del hybrid
     gc.collect()
+
+
+def test_block_size_64_budgets_follow_vllms_block_size(model_dir, profile_path):
+    """vLLM 0.34's default block size: tiers, budgets and freed blocks follow the block size vLLM resolved."""
+    with model_runner("v2"):
+        llm = make_llm(model_dir, {"profile": str(profile_path), "budget": BUDGET}, block_size=64)
+    groups = scheduler_of(llm).kv_cache_config.kv_cache_groups
+    assert {g.kv_cache_spec.block_size for g in groups} == {64}
+    assert runtime.get_runtime(llm.llm_engine.vllm_config).block_size == 64
+    free_at_start = free_blocks(llm)
+    internal_id = llm.llm_engine.add_request("bs64", text_prompt(5000),
+                                             SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    scheduler, checked = scheduler_of(llm), []
+
+    def check(step):
+        request = scheduler.requests.get(internal_id)
+        if request is None or step != 12:
+            return
+        held = held_blocks(llm, internal_id)
+        assert held == expected_blocks(llm, profile_path, BUDGET, request.num_prompt_tokens,
+                                       request.num_computed_tokens)
+        assert sum(held) < len(held) * _cdiv(request.num_computed_tokens, 64)
+        checked.append(step)
+
+    outputs = run_to_completion(llm, on_step=check)
+    assert checked == [12] and len(outputs["bs64"].outputs[0].token_ids) == 24
+    assert free_blocks(llm) == free_at_start

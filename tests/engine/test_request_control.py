@@ -60,7 +60,8 @@ def llm_factory():
     gc.collect()
 
 
-def test_blocks_follow_each_requests_budget_and_bad_values_are_refused(model_dir, profile_path, llm_factory):
+def test_blocks_follow_each_requests_budget_and_bad_values_are_refused(model_dir, profile_path, llm_factory,
+                                                                       runner):
     llm = llm_factory(model_dir, {"profile": str(profile_path), "budget": BUDGET})
     tok = llm.get_tokenizer()
     engine, scheduler = llm.llm_engine, scheduler_of(llm)
@@ -83,7 +84,7 @@ def test_blocks_follow_each_requests_budget_and_bad_values_are_refused(model_dir
     assert not runtime.get_runtime(engine.vllm_config).admission.settings        # every decision released
 
 
-def test_cold_tier_bound_serves_the_overflow_uncompressed(model_dir, profile_path, llm_factory):
+def test_cold_tier_bound_serves_the_overflow_uncompressed(model_dir, profile_path, llm_factory, runner):
     lens = [1500, 1540, 1580]
     profile = HeadProfile.load(profile_path)
     cfg = BudgetConfig(budget=BUDGET, block_size=BS)
@@ -131,7 +132,7 @@ def test_cold_tier_bound_serves_the_overflow_uncompressed(model_dir, profile_pat
     assert state.admission.reserved == 0 and not state.admission.settings and state.cold.nbytes == 0
 
 
-def test_own_budgets_survive_preemption(model_dir, profile_path, llm_factory):
+def test_own_budgets_survive_preemption(model_dir, profile_path, llm_factory, runner):
     """A request with its own budget, preempted and recomputed, comes back with the same decision: the blocks it
     holds after resuming follow its budget (an opted-out one stays uncompressed), and everything is released.
     (Its tokens may differ from an uninterrupted run: recompute prefills the generated tokens densely, so their

@@ -15,7 +15,7 @@ from hybridkv_vllm.core.profile import HeadProfile
 from hybridkv_vllm.core.selection import SelectionConfig
 from hybridkv_vllm.core.tiers import TieredPolicy, plan_tiers
 
-from engine_utils import HAYSTACK, ROOT, assert_greedy_matches, make_llm, synthetic_profile
+from engine_utils import HAYSTACK, ROOT, assert_greedy_matches, make_llm, model_runner, synthetic_profile
 
 pytestmark = [pytest.mark.engine, pytest.mark.triton]
 TINY = ROOT / "models" / "tiny-vl"
@@ -50,9 +50,10 @@ def test_triton_executor_in_the_cpu_engine_equals_the_core_reference(tmp_path, s
     kernel, prefill_launches = vllm_triton.unified_attention(), []
     monkeypatch.setattr(vllm_triton, "unified_attention",
                         lambda: lambda **kw: (prefill_launches.append(kw["max_seqlen_q"]), kernel(**kw)))
-    llm = make_llm(TINY, {"profile": str(profile_path), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
-                          "kv_ops": "triton", "sub_chunks": sub},
-                   max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
+    with model_runner("v2"):         # CUDA's runner, with the CUDA path's KV ops
+        llm = make_llm(TINY, {"profile": str(profile_path), "budget": BUDGET, "min_prompt_tokens": MIN_PROMPT,
+                              "kv_ops": "triton", "sub_chunks": sub},
+                       max_model_len=1024, limit_mm_per_prompt={"image": 0, "video": 0})
     loads_before = metrics.get_metrics().chunk_loads._value.get()
     prefill_launches.clear()                                        # start-up's dummy runs are not the request
     try:
