@@ -144,6 +144,16 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
     return steps
 
 
+@functools.cache
+def cpu_ops():
+    """vLLM's CPU attention kernels: ``vllm._cpu_ops`` from vLLM 0.34 on, ``vllm._custom_ops`` before."""
+    try:
+        from vllm import _cpu_ops as ops
+    except ImportError:
+        from vllm import _custom_ops as ops
+    return ops
+
+
 def pool_of(cache: torch.Tensor, block_size: int, head_dim: int) -> torch.Tensor:
     """The page array ``[NP, 2 * bs, D]`` over the whole storage of a one-head virtual layer's cache (vLLM's CPU
     layout gives the view as ``[NB, 1, bs, 2D]``; a page is contiguous inside either way)."""
@@ -278,7 +288,7 @@ class CpuKVOps(KVOps):
         return self._kv_views[1:]
 
     def write(self, pool, key, value, slots, layer) -> None:
-        from vllm import _custom_ops as ops
+        ops = cpu_ops()
         h, n, d = slots.shape[0], key.shape[0], key.shape[2]
         k_cache, v_cache = self._kv(pool)
         ops.cpu_attn_reshape_and_cache(key.transpose(0, 1).reshape(h * n, 1, d),
@@ -375,7 +385,7 @@ class CpuKVOps(KVOps):
             shared = ("cpu_rows_of", group, tuple(map(tuple, plan.kept[heads.tiers_host].tolist())))
             if shared not in plan.cache:
                 lens = seq_lens.reshape(-1).to(torch.int32).contiguous()
-                from vllm import _custom_ops as ops
+                ops = cpu_ops()
                 from vllm import envs
                 h, n = len(heads.signature), plan.num_tokens
                 qsl = plan.query_start_loc.long()
@@ -391,7 +401,7 @@ class CpuKVOps(KVOps):
         return plan.cache[key]
 
     def attend(self, plan, heads, pool, query, pages, seq_lens, scale, output, layer=None) -> None:
-        from vllm import _custom_ops as ops
+        ops = cpu_ops()
         n, hq, d = query.shape
         h = pages.shape[0]
         g = hq // h
