@@ -33,7 +33,7 @@ from hybridkv_vllm.adapter import cpu_layout, dynamic_heads, static_heads
 from hybridkv_vllm.adapter.executor import run_layer
 from hybridkv_vllm.adapter.kv_ops import LayerHeads, make_kv_ops, page_address, pool_of
 from hybridkv_vllm.adapter.kv_spec import HybridKVBudgetSpec, register_spec
-from hybridkv_vllm.adapter.runtime import get_runtime
+from hybridkv_vllm.adapter.runtime import BLOCK_MULTIPLE, get_runtime
 from hybridkv_vllm.core.step_plan import StepPlan, rewrite_group
 from hybridkv_vllm.core.tiers import PRUNED, RETRIEVE
 
@@ -66,6 +66,8 @@ class HybridKVMetadataBuilder(AttentionMetadataBuilder[HybridKVMetadata]):
         self.spec = kv_cache_spec
         self.runtime = get_runtime(vllm_config)
         self.tier = kv_cache_spec.tier
+        # the cold tier on the KV cache's device before the first step admits a prompt into it
+        self.runtime.bind_cold_tier(kv_cache_spec.head_size, kv_cache_spec.dtype, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HybridKVMetadata:
@@ -262,7 +264,7 @@ class HybridKVBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
-        return [MultipleOf(32)]            # vLLM's CPU kernels need it; the Triton kernels take any multiple of 16
+        return [MultipleOf(BLOCK_MULTIPLE)]   # vLLM's CPU kernels need it; the Triton kernels take any multiple of 16
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:

@@ -149,8 +149,9 @@ def patch_v2_runner() -> None:
       before ``model_state.prepare_attn`` builds the metadata (dummy, profiling and capture batches: none).
 
     No public seam serves instead: attention backends and their builders are never told which request a row
-    belongs to, and the KV-connector API needs ``--kv-transfer-config`` and bypasses the hybrid KV-cache manager's
-    one-group-per-tier layout on the CPU build (DESIGN §3)."""
+    belongs to (V2 orders the rows itself, ``sort_batch_req_ids``). The KV-connector API (read, not prototyped)
+    sees the scheduler output but not that order either, would need every operator to pass ``--kv-transfer-config``,
+    and would take the engine's one connector slot away from real connectors (LMCache, disaggregated prefill)."""
     if "v2_runner" in _applied:
         return
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner

@@ -114,7 +114,12 @@ class HybridKVRuntime:
         self.bind_cold_tier(self.profile.model.head_dim, self.kv_dtype, "cpu")
 
     def bind_cold_tier(self, head_dim: int, dtype: torch.dtype, device) -> ColdTier:
+        """The cold tier on the KV cache's device and dtype. Bound when the metadata builders are made (before any
+        step admits a request); a tier that holds requests is never replaced: they would lose their prompts."""
         if self.cold is None or self.cold.dtype != dtype or self.cold.device != torch.device(device):
+            if self.cold is not None and len(self.cold):
+                raise RuntimeError(f"HybridKV: the cold tier holds {len(self.cold)} requests on "
+                                   f"{self.cold.device}/{self.cold.dtype} and cannot move to {device}/{dtype}")
             max_bytes = None if self.config.cold_tier_gib is None else int(self.config.cold_tier_gib * 2**30)
             self.cold = ColdTier(self.block_size, head_dim, dtype, len(self.dynamic_tiers), max_bytes, device,
                                  pages_on_host=self.config.cold_tier_memory == "host",
@@ -236,6 +241,10 @@ def resolve_kv_ops(config: HybridKVConfig) -> str:
     return "cpu" if current_platform.is_cpu() else "triton"
 
 
+#: The KV block size must be a multiple of this (vLLM's CPU attention kernels; HybridKVBackend declares it).
+BLOCK_MULTIPLE = 32
+
+
 def _check_flags(vllm_config, kv_ops: str) -> None:
     from vllm.platforms import current_platform
     if current_platform.is_cuda():
@@ -256,6 +265,22 @@ def _check_flags(vllm_config, kv_ops: str) -> None:
         raise ConfigError("HYBRIDKV does not support speculative decoding: drop --speculative-config")
     if getattr(scheduler, "disable_hybrid_kv_cache_manager", False):
         raise ConfigError("HYBRIDKV needs vLLM's hybrid KV-cache manager: drop --disable-hybrid-kv-cache-manager")
+    # The block size is settled here, before any spec or budget is built from it: vLLM's CUDA platform only raises
+    # it for the chosen backend after the model is loaded (update_block_size_for_backend), too late for the tiers.
+    if cache.block_size is None or cache.block_size % BLOCK_MULTIPLE:
+        raise ConfigError(f"HYBRIDKV needs a KV block size that is a multiple of {BLOCK_MULTIPLE} (found "
+                          f"{cache.block_size}; vLLM 0.32's default on CUDA is 16): start vLLM with --block-size 32")
+    # Configurations whose KV cache or step layout the plugin does not handle, refused by name rather than run wrong.
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise ConfigError("HYBRIDKV does not support KV connectors (disaggregated prefill, KV offloading): drop "
+                          "--kv-transfer-config")
+    parallel = getattr(vllm_config, "parallel_config", None)
+    for name, flag in (("decode_context_parallel_size", "--decode-context-parallel-size"),
+                       ("prefill_context_parallel_size", "--prefill-context-parallel-size")):
+        if (getattr(parallel, name, 1) or 1) > 1:
+            raise ConfigError(f"HYBRIDKV does not support context parallelism: drop {flag}")
+    if getattr(parallel, "enable_dbo", False):
+        raise ConfigError("HYBRIDKV does not support dual-batch overlap: drop --enable-dbo")
 
 
 def _tp_rank_and_size(vllm_config) -> tuple[int | None, int]:

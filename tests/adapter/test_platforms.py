@@ -2,6 +2,7 @@
 on either model runner and refuses what it cannot serve by name; other platforms are refused by name."""
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +18,12 @@ def _platform(kind: str):
 
 
 def _vllm_config(v2: bool = False):
-    return SimpleNamespace(use_v2_model_runner=v2, speculative_config=None,
-                           cache_config=SimpleNamespace(enable_prefix_caching=False, cache_dtype="auto"),
-                           scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False))
+    return SimpleNamespace(use_v2_model_runner=v2, speculative_config=None, kv_transfer_config=None,
+                           cache_config=SimpleNamespace(enable_prefix_caching=False, cache_dtype="auto", block_size=32),
+                           scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False),
+                           parallel_config=SimpleNamespace(decode_context_parallel_size=1,
+                                                           prefill_context_parallel_size=1, enable_dbo=False,
+                                                           tensor_parallel_size=1))
 
 
 @pytest.fixture
@@ -84,7 +88,6 @@ def test_a_cached_runtime_does_not_skip_the_flag_checks(platform, monkeypatch):
     platform("cpu")
     config = _vllm_config()
     config.model_config = SimpleNamespace(model="m")
-    config.parallel_config = SimpleNamespace(tensor_parallel_size=1)
     config.cache_config.block_size, config.additional_config = 32, {"hybridkv": {"profile": "p"}}
     monkeypatch.setattr(runtime, "_runtime", SimpleNamespace(kv_ops_kind="cpu"))
     monkeypatch.setattr(runtime, "_runtime_key", runtime._key(config))
@@ -92,3 +95,64 @@ def test_a_cached_runtime_does_not_skip_the_flag_checks(platform, monkeypatch):
     config.cache_config.enable_prefix_caching = True
     with pytest.raises(ConfigError, match="--no-enable-prefix-caching"):
         runtime.get_runtime(config)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: setattr(c.cache_config, "block_size", 16), "--block-size 32"),          # vLLM 0.32's CUDA default
+    (lambda c: setattr(c.cache_config, "block_size", 48), "--block-size 32"),
+    (lambda c: setattr(c, "kv_transfer_config", SimpleNamespace(kv_connector="LMCacheConnectorV1")),
+     "--kv-transfer-config"),
+    (lambda c: setattr(c.parallel_config, "decode_context_parallel_size", 2), "--decode-context-parallel-size"),
+    (lambda c: setattr(c.parallel_config, "prefill_context_parallel_size", 2), "--prefill-context-parallel-size"),
+    (lambda c: setattr(c.parallel_config, "enable_dbo", True), "--enable-dbo"),
+])
+@pytest.mark.parametrize("kind, kv_ops", [("cpu", "cpu"), ("cuda", "triton")])
+def test_configurations_the_plugin_does_not_handle_are_refused_by_name(platform, kind, kv_ops, change, message):
+    platform(kind)
+    config = _vllm_config()
+    runtime._check_flags(config, kv_ops)                       # the defaults pass
+    change(config)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runtime._check_flags(config, kv_ops)
+
+
+def test_block_sizes_that_serve_pass(platform):
+    platform("cuda")
+    for block_size in (32, 64, 128):                           # 64: vLLM 0.34's default
+        config = _vllm_config()
+        config.cache_config.block_size = block_size
+        runtime._check_flags(config, "triton")
+
+
+def test_metadata_builders_bind_the_cold_tier_to_their_device_before_any_step(monkeypatch):
+    """The builders are made when vLLM sets up the KV cache, before the first step admits a prompt: each binds the
+    cold tier to its device and dtype there (on CUDA the first layer's forward came too late: the prompts admitted
+    in the first step were dropped with the CPU tier it replaced)."""
+    import torch
+
+    from hybridkv_vllm.adapter import backend
+    from hybridkv_vllm.adapter.kv_spec import HybridKVBudgetSpec
+
+    bound = []
+    monkeypatch.setattr(backend, "get_runtime",
+                        lambda config: SimpleNamespace(bind_cold_tier=lambda *a: bound.append(a)))
+    spec = HybridKVBudgetSpec(block_size=32, num_kv_heads=1, head_size=64, dtype=torch.bfloat16, fraction=0.2,
+                              floor_blocks=2, min_prompt_tokens=0, tier=0)
+    backend.HybridKVMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], SimpleNamespace(), torch.device("meta"))
+    assert bound == [(64, torch.bfloat16, torch.device("meta"))]
+
+
+def test_a_cold_tier_holding_requests_is_never_replaced():
+    import torch
+
+    from hybridkv_vllm.adapter.cold_tier import ColdTier
+
+    state = SimpleNamespace(cold=ColdTier(4, 8, torch.float32, 2), config=SimpleNamespace(cold_tier_gib=None,
+                            cold_tier_memory="host"), selection=SimpleNamespace(sub_chunks=1), block_size=4,
+                            dynamic_tiers=torch.zeros(2), loads=None)
+    state.cold.admit("r1", 6, torch.tensor([2, 2]))
+    bind = runtime.HybridKVRuntime.bind_cold_tier
+    assert bind(state, 8, torch.float32, "cpu") is state.cold           # same place: the same tier
+    with pytest.raises(RuntimeError, match="holds 1 requests"):
+        bind(state, 8, torch.bfloat16, "cpu")
+    assert state.cold.slot_of("r1") is not None

@@ -141,8 +141,56 @@ def test_engine_flags_the_plugin_requires(overlay):
     name, objs = overlay
     args = container(objs)["args"]
     assert "--no-enable-prefix-caching" in args and "--enable-prefix-caching" not in args
-    if name == "cpu-demo":
-        assert int(flag(args, "--block-size")) % 32 == 0
+    assert int(flag(args, "--block-size")) % 32 == 0           # every platform (CUDA's default, 16, is refused)
+
+
+@pytest.mark.vllm
+def test_pod_command_passes_the_plugins_start_up_checks_on_its_platform(overlay, monkeypatch, tmp_path):
+    """The rendered container's command line, read by vLLM's own ``vllm serve`` parser, with the platform its
+    overlay runs on (the GPU overlay: a CUDA stand-in platform, CUDA's defaults where a flag is absent), goes
+    through every flag check the plugin makes at start-up (``adapter.runtime._check_flags``): none may refuse it."""
+    from types import SimpleNamespace
+
+    import vllm
+    import vllm.platforms
+    from vllm.config import CacheConfig
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from hybridkv_vllm.adapter import runtime
+    from hybridkv_vllm.adapter.config import HybridKVConfig
+
+    name, objs = overlay
+    c = container(objs)
+    assert c["command"] == ["vllm", "serve"]
+    parser = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subcommand"))
+    command = [expand(a, c) for a in c["args"]]
+    assert command[0] == env(c)["HYBRIDKV_MODEL"]["value"]
+    command[0] = str(tmp_path)              # a local directory for the hub model: vLLM resolves the model's path
+    args = parser.parse_args(["serve", *command])
+    args.model = args.model_tag                   # as `vllm serve` does with its positional model
+    engine = vllm.AsyncEngineArgs.from_cli_args(args)
+    assert engine.attention_backend == "HYBRIDKV"
+    gpu = name == "gpu"
+    kind = "cuda" if gpu else "cpu"
+    monkeypatch.setattr(vllm.platforms, "current_platform",
+                        SimpleNamespace(is_cpu=lambda: not gpu, is_cuda=lambda: gpu, device_name=kind), raising=False)
+    # what vLLM makes of an absent flag: prefix caching on, CUDA's default block size (the CPU platform sets 128)
+    block_size = engine.block_size or (CacheConfig.DEFAULT_BLOCK_SIZE if gpu else 128)
+    config = SimpleNamespace(
+        use_v2_model_runner=env(c).get("VLLM_USE_V2_MODEL_RUNNER", {}).get("value", "1") != "0",
+        speculative_config=engine.speculative_config, kv_transfer_config=engine.kv_transfer_config,
+        cache_config=SimpleNamespace(enable_prefix_caching=engine.enable_prefix_caching is not False,
+                                     cache_dtype=engine.kv_cache_dtype, block_size=block_size),
+        scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=engine.disable_hybrid_kv_cache_manager),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=engine.decode_context_parallel_size,
+                                        prefill_context_parallel_size=engine.prefill_context_parallel_size,
+                                        enable_dbo=engine.enable_dbo))
+    hybridkv = additional_config(c)["hybridkv"]
+    kv_ops = runtime.resolve_kv_ops(HybridKVConfig(**{k: v for k, v in hybridkv.items() if k == "kv_ops"},
+                                                   profile=hybridkv["profile"]))
+    runtime._check_flags(config, kv_ops)                    # raises ConfigError naming the flag to change
 
 
 def test_cpu_demo_carries_the_shipped_profile_of_its_model():
