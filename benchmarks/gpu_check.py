@@ -279,7 +279,7 @@ def product():
     from hybridkv_vllm.core.reference import sparse_decode_attention
     from hybridkv_vllm.core.selection import SelectionConfig, chunk_summaries, score_chunks, select_chunks
     from hybridkv_vllm.core.step_plan import StepPlan, plan_rows, rewrite_group
-    from hybridkv_vllm.core.tiers import kept_blocks
+    from hybridkv_vllm.core.budgets import kept_blocks
     return SimpleNamespace(hk=hk, dynamic_heads=dynamic_heads, ColdTier=ColdTier, run_layer=run_layer,
                            LayerHeads=LayerHeads, TritonKVOps=TritonKVOps, plan_layers=plan_layers,
                            sparse_decode_attention=sparse_decode_attention, SelectionConfig=SelectionConfig,

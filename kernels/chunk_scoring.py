@@ -245,6 +245,20 @@ def reference_scores(q, kmin, kmax, block_table, seq_lens=None):
     return s
 
 
+def priority_keys(n: torch.Tensor, width: int, sink_chunks: int, recent_chunks: int) -> torch.Tensor:
+    """The selection's order as sort keys, stated once (the reference below and the adapter's plan use it; the
+    kernel's bisection encodes the same order): ``float64 [..., width]`` for chunks ``c < width`` of rows with ``n``
+    valid chunks (``n [..., 1]``): sinks (``c < sink_chunks``, lower index first) above recent chunks (the last
+    ``recent_chunks``, newest first) above scores; ``nan`` where the query's score decides, ``-inf`` past ``n``.
+    Exactly ``core.selection._priority_select``; forced keys sit far above any score: ``1e200 * (2 .. 4)``."""
+    c = torch.arange(width, device=n.device)
+    cf = c.double() / width
+    valid = c < n
+    keys = torch.where(valid, float("nan"), float("-inf"))
+    keys = torch.where(valid & (c >= n - recent_chunks), 1e200 * (2 + cf), keys)
+    return torch.where(valid & (c < sink_chunks), 1e200 * (4 - cf), keys)
+
+
 def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunks=1, recent_chunks=1, k_per=None):
     """Returns ``(chunk_idx [B, H, k], block_ids [B, H, k], num_tokens [B, H])``, all int32, ``-1`` padded."""
     B, Hq, D = q.shape
@@ -253,17 +267,12 @@ def reference(q, kmin, kmax, block_table, seq_lens, k, *, chunk_size, sink_chunk
     M = bt.shape[2]
     s = reference_scores(q, kmin, kmax, bt)
     dev = q.device
-    c = torch.arange(M, device=dev)
     seq = seq_lens.to(dev).long()[:, None, None]
     n = (seq + chunk_size - 1) // chunk_size
-    valid = c < n
-    # One descending sort on a composite key, exactly core.selection._priority_select: sinks (lower index first)
-    # above recent chunks (newest first) above scores, invalid last; the sort is stable, so equal scores keep the
-    # lower index first (-0.0 ties with 0.0). Forced keys sit far above any score: 1e200 * (2 .. 4).
-    cf = c.double() / M
-    key = torch.where(valid, s.double(), float("-inf"))
-    key = torch.where(valid & (c >= n - recent_chunks), 1e200 * (2 + cf), key)
-    key = torch.where(valid & (c < sink_chunks), 1e200 * (4 - cf), key)
+    # one descending sort on the composite key (see priority_keys); the sort is stable, so equal scores keep the
+    # lower index first (-0.0 ties with 0.0)
+    forced = priority_keys(n, M, sink_chunks, recent_chunks)
+    key = torch.where(torch.isnan(forced), s.double(), forced)
     top = torch.sort(key, dim=2, descending=True, stable=True).indices[:, :, :k]
     if top.shape[2] < k:
         top = torch.cat([top, top.new_zeros(B, H, k - top.shape[2])], dim=2)
@@ -304,4 +313,5 @@ def run(q, kmin, kmax, block_table, seq_lens, k, out, *, chunk_size, sink_chunks
     return out
 
 
-__all__ = ["run", "launch", "launch_scores", "launch_select", "reference", "reference_scores", "HAS_TRITON"]
+__all__ = ["run", "launch", "launch_scores", "launch_select", "priority_keys", "reference", "reference_scores",
+           "HAS_TRITON"]

@@ -114,14 +114,9 @@ def plan_layers(plan: StepPlan, layers: list[LayerHeads], cold, selection: Selec
         cold_pages = cold.table[dec.cold_slots].clamp(min=0)
         cold_tables = cold_pages if sub == 1 else \
             (cold_pages[..., None] * sub + torch.arange(sub, device=dev)).flatten(2)
-        # Selection keys that do not depend on the query (chunk_scoring's priority, in one descending sort):
-        # sinks (lower index first) above recent units (newest first) above scores; units past C last.
-        c = torch.arange(cold_tables.shape[2], device=dev)
+        # Selection keys that do not depend on the query (chunk_scoring's priority order, in one descending sort)
         n = torch.div(dec.chunk_tokens.long(), units.chunk_size, rounding_mode="floor")[:, None, None]
-        cf = c.double() / cold_tables.shape[2]
-        forced = torch.where(c < n, float("nan"), float("-inf")).expand(len(dec.rows), 1, c.numel())
-        forced = torch.where((c >= n - units.recent_chunks) & (c < n), 1e200 * (2 + cf), forced)
-        forced = torch.where((c < units.sink_chunks) & (c < n), 1e200 * (4 - cf), forced)
+        forced = hk.chunk_scoring.priority_keys(n, cold_tables.shape[2], units.sink_chunks, units.recent_chunks)
         is_forced = ~torch.isnan(forced)
         j = torch.arange(width, device=dev)
         for i, heads in enumerate(layers):

@@ -20,7 +20,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from hybridkv_vllm.adapter import runtime
-from hybridkv_vllm.core.tiers import kept_blocks
+from hybridkv_vllm.core.budgets import kept_blocks
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ The bound the formula does satisfy (and the tests check) is ``sum <= T(P) + n_ra
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,7 +96,8 @@ class BudgetPlan:
         return float(self.cfg.budget) * self.num_heads * prompt_len
 
     def tokens_for(self, prompt_len: int) -> torch.Tensor:
-        """``int64 [L, H]`` token budgets (whole blocks) for a prompt of ``prompt_len`` tokens."""
+        """``int64 [L, H]`` token budgets (whole blocks) for a prompt of ``prompt_len`` tokens: :func:`kept_blocks`
+        for every head at once (``kept * bs``, or the aligned prompt where it keeps everything)."""
         if not isinstance(prompt_len, int) or prompt_len < 0:
             raise BudgetError(f"prompt_len={prompt_len!r}: expected an integer >= 0")
         bs = self.cfg.block_size
@@ -205,3 +207,27 @@ def fold_for_tp(plan: BudgetPlan, world: int, rank: int | None = None) -> Budget
     else:
         is_static = plan.is_static[:, owned[rank]]
     return BudgetPlan(fractions=fractions, is_static=is_static, cfg=plan.cfg)
+
+
+def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks: int,
+                min_prompt_tokens: int) -> int | None:
+    """Blocks a budget-tier head keeps for a prompt of ``prompt_len`` tokens, or None if it is not compressed.
+
+    THE budget rule, stated once: ``max(floor, floor(f * P / bs))`` blocks, None where that keeps every complete
+    block (nothing to free) or the prompt is shorter than ``min_prompt_tokens``. :meth:`BudgetPlan.tokens_for` is
+    its vectorised twin over every head (``min(P_aligned, ...)`` in tokens: a None is the whole aligned prompt;
+    ``tests/core/test_core_budgets.py`` holds the two equal). Shared by the scheduler-side manager (which frees
+    blocks ``[kept, P // bs)``) and the worker (which compacts into and reads from blocks ``[0, kept)``). None: the
+    prompt is shorter than ``min_prompt_tokens`` or nothing would be freed; the request then runs uncompressed in
+    every tier.
+    """
+    if prompt_len < max(min_prompt_tokens, 1):
+        return None
+    aligned = prompt_len // block_size
+    blocks = max(floor_blocks, math.floor(fraction * prompt_len / block_size))
+    return None if blocks >= aligned else blocks
+
+
+def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_prompt_tokens: int) -> bool:
+    """Whether a request is compressed at all (its budget tiers free something at the floor budget)."""
+    return kept_blocks(prompt_len, 0.0, block_size, floor_blocks, min_prompt_tokens) is not None

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from hybridkv_vllm.core.tiers import is_compressed
+from hybridkv_vllm.core.budgets import is_compressed
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,11 @@ the fewest extra tokens wins (ties: fewer groups).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
-from hybridkv_vllm.core.budgets import BudgetConfig, BudgetPlan, allocate, fold_for_tp
+from hybridkv_vllm.core.budgets import BudgetConfig, BudgetPlan, allocate, fold_for_tp, is_compressed, kept_blocks
 
 # What one KV head does at decode.
 RETRIEVE = "retrieve"   # dynamic head: top-k cold prompt chunks in a hot buffer + the hot tail
@@ -99,27 +98,6 @@ def plan_tiers(plan: BudgetPlan, max_groups: int = 16) -> TierPlan:
     modes = tuple(tuple(PRUNED if bool(plan.is_static[l, h]) else RETRIEVE for h in range(num_kv_heads))
                   for l in range(num_layers))
     return TierPlan(tiers=tiers, group_size=g, modes=modes, tier_of=tuple(tuple(row) for row in tier_of))
-
-
-def kept_blocks(prompt_len: int, fraction: float, block_size: int, floor_blocks: int,
-                min_prompt_tokens: int) -> int | None:
-    """Blocks a budget-tier head keeps for a prompt of ``prompt_len`` tokens, or None if it is not compressed.
-
-    The same rule as :meth:`BudgetPlan.tokens_for` (``min(P_aligned, max(floor, bs*floor(f*P/bs)))``), shared by
-    the scheduler-side manager (which frees blocks ``[kept, P // bs)``) and the worker (which compacts into and
-    reads from blocks ``[0, kept)``). None: the prompt is shorter than ``min_prompt_tokens`` or nothing would be
-    freed; the request then runs uncompressed in every tier.
-    """
-    if prompt_len < max(min_prompt_tokens, 1):
-        return None
-    aligned = prompt_len // block_size
-    blocks = max(floor_blocks, math.floor(fraction * prompt_len / block_size))
-    return None if blocks >= aligned else blocks
-
-
-def is_compressed(prompt_len: int, block_size: int, floor_blocks: int, min_prompt_tokens: int) -> bool:
-    """Whether a request is compressed at all (its budget tiers free something at the floor budget)."""
-    return kept_blocks(prompt_len, 0.0, block_size, floor_blocks, min_prompt_tokens) is not None
 
 
 class TierBudgets:

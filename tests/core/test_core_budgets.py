@@ -180,3 +180,19 @@ def test_tp_partitioning_matches_vllms():
     from hybridkv_vllm.core.budgets import tp_owned_heads
     assert tp_owned_heads(4, 2) == [[0, 1], [2, 3]]
     assert tp_owned_heads(2, 8) == [[0], [0], [0], [0], [1], [1], [1], [1]]
+
+
+@given(heads_strategy(), budgets, ratios, prompt_lens, block_sizes, floors)
+@settings(max_examples=150, deadline=None)
+def test_tokens_for_is_the_vectorised_twin_of_kept_blocks(heads, budget, r, prompt_len, bs, floor):
+    """The budget rule is written once (``kept_blocks``); ``BudgetPlan.tokens_for`` computes it for every head at
+    once: ``kept * bs``, or the whole aligned prompt where the rule keeps every block (None)."""
+    from hybridkv_vllm.core.budgets import kept_blocks
+
+    plan = allocate(heads, BudgetConfig(budget=budget, r=r, block_size=bs, floor_blocks=floor))
+    tokens = plan.tokens_for(prompt_len)
+    for (layer, head), fraction in zip(torch.cartesian_prod(torch.arange(tokens.shape[0]),
+                                                            torch.arange(tokens.shape[1])).tolist(),
+                                       plan.fractions.flatten().tolist()):
+        kept = kept_blocks(prompt_len, fraction, bs, floor, 0)
+        assert int(tokens[layer, head]) == (prompt_len // bs if kept is None else kept) * bs
