@@ -132,6 +132,7 @@ def test_cold_tier_bound_serves_the_overflow_uncompressed(model_dir, profile_pat
     assert state.admission.reserved == 0 and not state.admission.settings and state.cold.nbytes == 0
 
 
+@pytest.mark.parametrize("runner", ["v1"], indirect=True)     # V2's preemption: test_lifecycle (time)
 def test_own_budgets_survive_preemption(model_dir, profile_path, llm_factory, runner):
     """A request with its own budget, preempted and recomputed, comes back with the same decision: the blocks it
     holds after resuming follow its budget (an opted-out one stays uncompressed), and everything is released.
