@@ -143,7 +143,8 @@ def patch_v2_runner() -> None:
     ``VLLM_USE_V2_MODEL_RUNNER=1``). Its public per-step methods are the seams:
 
     - ``finish_requests``: finished, aborted and preempted requests leave the runner (V2 removes preempted ones and
-      receives them again as new requests when they resume): their worker-side state is released first;
+      receives them again as new requests when they resume): the worker-side state of every request the runner no
+      longer holds is released;
     - ``add_requests``: the step's new requests (resumed ones included) are tracked;
     - ``prepare_attn`` / ``prepare_dummy_attn``: the step's rows are published in the input batch's order right
       before ``model_state.prepare_attn`` builds the metadata (dummy, profiling and capture batches: none).
@@ -161,12 +162,9 @@ def patch_v2_runner() -> None:
 
     @functools.wraps(finish)
     def finish_requests(self, scheduler_output, *args, **kwargs):
-        state = runtime_state()
-        if state is not None:
-            gone = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
-            state.release(gone)
         result = finish(self, scheduler_output, *args, **kwargs)
-        if state is not None:
+        state = runtime_state()
+        if state is not None:            # the runner's own request states are the truth once it dropped them
             live = set(self.req_states.req_id_to_index)
             state.release(state.held_request_ids() - live)
             state.forget(live)
